@@ -1,0 +1,72 @@
+"""A run's configuration: one flat record.
+
+A config names one choice per aspect (``augment``, ``encoder``, ``extract``, ``similarity``, ``loss``) plus the
+options of those choices and of the trainer, all at the top level, so an MLflow param or a search-space key is the
+same word a user types on the command line. ``method`` names a preset (``csl.presets``) whose values fill what the
+config leaves out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from csl.registry import ASPECTS, ChoiceError
+
+# Options of the trainer, evaluation and data, with defaults. Aspect options live in the builders' signatures.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "method": None,
+    "data": "cifar10-mini",
+    "data_root": None,
+    "download": False,
+    "train_limit": None,
+    "test_limit": None,
+    "epochs": 10,
+    "batch_size": 256,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "weight_decay": 1e-6,
+    "sgd_momentum": 0.9,
+    "warmup_epochs": 0,
+    "target_momentum": None,
+    "target_momentum_final": 1.0,
+    "seed": 0,
+    "device": "auto",
+    "compile": False,
+    "amp": True,
+    "channels_last": True,
+    "knn_k": 200,
+    "knn_temperature": 0.1,
+    "probe": True,
+    "probe_lr": 1e-3,
+    "eval_every": 1,
+}
+
+
+def known_options() -> set[str]:
+    """Every key a config may hold: aspects, their choices' options, and the trainer's."""
+    keys = set(TRAINER_DEFAULTS) | set(ASPECTS)
+    for registry in ASPECTS.values():
+        keys |= registry.all_options()
+    return keys
+
+
+def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill a config from its preset and the trainer defaults, and reject what nothing would read."""
+    from csl.presets import PRESETS
+
+    unknown = sorted(set(config) - known_options())
+    if unknown:
+        raise ChoiceError(f"unknown option {', '.join(unknown)}; known options: {', '.join(sorted(known_options()))}")
+    resolved: dict[str, Any] = dict(TRAINER_DEFAULTS)
+    method = config.get("method")
+    if method is not None:
+        if method not in PRESETS:
+            raise ChoiceError(f"unknown method '{method}'; choose one of: {', '.join(sorted(PRESETS))}")
+        resolved.update(PRESETS[method])
+    resolved.update({k: v for k, v in config.items() if v is not None})
+    for aspect, registry in ASPECTS.items():
+        if aspect not in resolved:
+            raise ChoiceError(f"config names no {aspect}; give --method or --{aspect} ({', '.join(registry.names())})")
+        registry.get(resolved[aspect])
+    return resolved
