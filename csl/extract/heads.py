@@ -1,0 +1,45 @@
+"""Projection heads shared by the extraction strategies.
+
+SimCLR's finding (2): a learnable nonlinear projection between the representation and the loss helps. A head maps
+the last dimension, so the same head serves a pooled vector (N×C) and every location of a map (N×L×C), which is
+AMDIM's 1×1-convolution embedding.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+HEADS = ("none", "linear", "mlp")
+
+
+class Head(nn.Module):
+    """none: identity; linear: one layer; mlp: Linear → BatchNorm → ReLU → Linear (SimCLR v1, BYOL, MoCo v2)."""
+
+    def __init__(self, kind: str, in_dim: int, hidden: int | None, out_dim: int) -> None:
+        super().__init__()
+        if kind not in HEADS:
+            raise ValueError(f"head '{kind}' is not one of {', '.join(HEADS)}")
+        hidden = hidden or in_dim
+        if kind == "none":
+            self.net: nn.Module = nn.Identity()
+            self.out_dim = in_dim
+        elif kind == "linear":
+            self.net = nn.Linear(in_dim, out_dim)
+            self.out_dim = out_dim
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden, bias=False),
+                nn.BatchNorm1d(hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden, out_dim),
+            )
+            self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        return self.net(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.out_dim)
+
+
+def locations(feature_map: Tensor) -> Tensor:
+    """N×C×h×w → N×(h·w)×C: every location of a map as a vector."""
+    return feature_map.flatten(2).transpose(1, 2)

@@ -1,0 +1,133 @@
+"""Aspect 5, loss: scores M×K and the positives mask → a scalar.
+
+A loss is an ``nn.Module`` called as ``loss(scores, pairs)``. It may declare what it needs from the rest of the
+model, checked when the model is built (``csl.model.build_model``), never during training:
+- ``needs_target``: a momentum (EMA) target network must produce the candidates;
+- ``queue_size``: how many past candidates to keep as extra negatives (MoCo);
+- ``incompatibility(similarity)``: a reason this loss cannot work with that similarity, or None.
+
+To add a loss: write one builder below with ``@LOSS.register("name")``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from csl.registry import LOSS
+from csl.similarity import Cosine
+from csl.types import Pairs
+
+
+class Loss(nn.Module):
+    needs_target: bool = False
+    queue_size: int = 0
+
+    def incompatibility(self, similarity: nn.Module) -> str | None:
+        return None
+
+
+def _negative_mask(pairs: Pairs) -> Tensor:
+    negatives = ~pairs.positives
+    if pairs.exclude is not None:
+        negatives = negatives & ~pairs.exclude
+    return negatives
+
+
+def nce_per_positive(scores: Tensor, pairs: Pairs) -> Tensor:
+    """−log(e^{s⁺} / (e^{s⁺} + Σ_neg e^{s⁻})) for every positive pair, each against all of its anchor's negatives.
+
+    With one positive per anchor this is NT-Xent / InfoNCE exactly; with several (a global vector against every
+    location of the same image) it is AMDIM's NCE. Excluded candidates are masked out of the sum, not subtracted
+    from it (the pl_bolts NT-Xent bug).
+    """
+    neg_scores = scores.masked_fill(~_negative_mask(pairs), float("-inf"))
+    neg_lse = torch.logsumexp(neg_scores, dim=1, keepdim=True)  # M×1, −inf when an anchor has no negatives
+    per_pair = torch.logaddexp(scores, neg_lse) - scores
+    return per_pair[pairs.positives].mean()
+
+
+class InfoNCE(Loss):
+    """SimCLR's NT-Xent, CPC's InfoNCE: cross-entropy of each positive against the anchor's negatives."""
+
+    def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
+        return nce_per_positive(scores, pairs)
+
+
+class AmdimNCE(Loss):
+    """AMDIM's NCE plus its score regulariser ``reg_weight · mean(s²)``, which keeps the logits from drifting.
+
+    AMDIM regularises the raw scores before its tanh clip; here the clip lives in the similarity, so the
+    regulariser sees the clipped scores (bounded by tclip), which serves the same purpose.
+    """
+
+    def __init__(self, reg_weight: float) -> None:
+        super().__init__()
+        self.reg_weight = reg_weight
+
+    def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
+        return nce_per_positive(scores, pairs) + self.reg_weight * scores.pow(2).mean()
+
+
+class ByolLoss(Loss):
+    """BYOL: 2 − 2·cos(prediction, target) on positive pairs only; negatives play no part."""
+
+    needs_target = True
+
+    def incompatibility(self, similarity: nn.Module) -> str | None:
+        if not isinstance(similarity, Cosine) or similarity.temperature != 1.0 or similarity.tclip is not None:
+            return "loss 'byol' is 2 − 2·cos: it needs similarity 'cosine' with temperature 1 and no tclip"
+        return None
+
+    def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
+        return (2.0 - 2.0 * scores[pairs.positives]).mean()
+
+
+class MocoLoss(InfoNCE):
+    """MoCo: InfoNCE whose negatives include a queue of past target candidates (kept by ``csl.model``)."""
+
+    needs_target = True
+
+    def __init__(self, queue_size: int) -> None:
+        super().__init__()
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be ≥ 1, got {queue_size}")
+        self.queue_size = queue_size
+
+
+class TripletLoss(Loss):
+    """Margin ranking: relu(margin − s⁺ + s⁻) with the hardest negative of each anchor (batch-hard mining)."""
+
+    def __init__(self, margin: float) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
+        hardest = scores.masked_fill(~_negative_mask(pairs), float("-inf")).amax(dim=1, keepdim=True)
+        per_pair = torch.relu(self.margin - scores + hardest)
+        return per_pair[pairs.positives & torch.isfinite(hardest)].mean()
+
+
+@LOSS.register("infonce")
+def infonce() -> Loss:
+    return InfoNCE()
+
+
+@LOSS.register("amdim_nce")
+def amdim_nce(*, reg_weight: float = 0.05) -> Loss:
+    return AmdimNCE(reg_weight)
+
+
+@LOSS.register("byol")
+def byol() -> Loss:
+    return ByolLoss()
+
+
+@LOSS.register("moco")
+def moco(*, queue_size: int = 4096) -> Loss:
+    return MocoLoss(queue_size)
+
+
+@LOSS.register("triplet")
+def triplet(*, margin: float = 0.5) -> Loss:
+    return TripletLoss(margin)

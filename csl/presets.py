@@ -1,0 +1,64 @@
+"""The methods, as data: one choice per aspect plus default hyperparameters.
+
+A preset is nothing but a flat config; ``csl train --method yadim --encoder resnet18`` is this record with one
+field overridden. Values come from the papers and the pl_bolts defaults (``../shared/notes/paper.md``); where a
+paper's ImageNet value does not fit CIFAR-scale runs, the CIFAR value of the reference code is used and noted.
+
+| method  | augment | encoder     | extract     | similarity          | loss      | target |
+|---------|---------|-------------|-------------|---------------------|-----------|--------|
+| amdim   | amdim   | amdim       | multiscale  | dot/√d, tclip 20    | amdim_nce | —      |
+| cpc_v2  | cpc     | cpc_resnet  | cpc_context | dot (W_k in extract)| infonce   | —      |
+| simclr  | simclr  | resnet50    | last_vector | cosine, τ 0.5       | infonce   | —      |
+| byol    | byol    | resnet50    | last_vector+predictor | cosine, τ 1 | byol   | 0.996  |
+| moco_v2 | moco_v2 | resnet50    | last_vector | cosine, τ 0.07      | moco      | 0.999  |
+| yadim   | yadim   | wide_resnet | last_map    | dot/√d, tclip 20    | amdim_nce | —      |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Bachman et al. 2019; pl_bolts AMDIM: Adam 2e-4, batch 200, tclip 20, comparisons 1:5, 1:7, 5:5.
+    "amdim": {
+        "augment": "amdim", "encoder": "amdim", "extract": "multiscale", "similarity": "dot", "loss": "amdim_nce",
+        "comparisons": "1:5, 1:7, 5:5", "tclip": 20.0, "temperature": 1.0, "reg_weight": 0.05,
+        "optimizer": "adam", "lr": 2e-4, "batch_size": 200, "weight_decay": 0.0,
+    },
+    # Hénaff et al. 2019; pl_bolts CPC v2: Adam 1e-4, batch 128, 8×8 patches with overlap 4 at 32×32.
+    # CPC's bilinear score is the per-step prediction W_k inside cpc_context, so the similarity is a plain dot.
+    "cpc_v2": {
+        "augment": "cpc", "encoder": "cpc_resnet", "extract": "cpc_context", "similarity": "dot", "loss": "infonce",
+        "scale_by_dim": False, "context_steps": 3, "temperature": 1.0,
+        "optimizer": "adam", "lr": 1e-4, "batch_size": 128, "weight_decay": 0.0,
+    },
+    # Chen et al. 2020; pl_bolts SimCLR CIFAR: τ 0.5, MLP head 2048→2048→128, Adam 1e-3, warm-up 10 epochs.
+    "simclr": {
+        "augment": "simclr", "encoder": "resnet50", "extract": "last_vector", "similarity": "cosine",
+        "loss": "infonce", "head": "mlp", "proj_hidden": 2048, "proj_dim": 128, "temperature": 0.5,
+        "optimizer": "adam", "lr": 1e-3, "batch_size": 256, "weight_decay": 1e-6, "warmup_epochs": 10,
+    },
+    # Grill et al. 2020: projection 4096→256 and predictor, 2 − 2·cos, τ_EMA 0.996 → 1 on a cosine; LARS lr 0.2,
+    # weight decay 1.5e-6 (pl_bolts used Adam by mistake).
+    "byol": {
+        "augment": "byol", "encoder": "resnet50", "extract": "last_vector", "similarity": "cosine", "loss": "byol",
+        "head": "mlp", "proj_hidden": 4096, "proj_dim": 256, "predictor": True, "pred_hidden": 4096,
+        "temperature": 1.0, "target_momentum": 0.996, "target_momentum_final": 1.0,
+        "optimizer": "lars", "lr": 0.2, "batch_size": 256, "weight_decay": 1.5e-6, "warmup_epochs": 10,
+    },
+    # Chen et al. 2020 (MoCo v2): τ 0.07, momentum 0.999, SGD lr 0.03 momentum 0.9 wd 1e-4. The ImageNet queue
+    # holds 65,536 keys; at CIFAR scale 4,096 (the moco loss default) is the usual choice.
+    "moco_v2": {
+        "augment": "moco_v2", "encoder": "resnet50", "extract": "last_vector", "similarity": "cosine",
+        "loss": "moco", "head": "mlp", "proj_hidden": 2048, "proj_dim": 128, "temperature": 0.07,
+        "queue_size": 4096, "target_momentum": 0.999, "target_momentum_final": 0.999,
+        "optimizer": "sgd", "lr": 0.03, "sgd_momentum": 0.9, "batch_size": 256, "weight_decay": 1e-4,
+    },
+    # Falcon & Cho 2020: AMDIM+CPC augmentation, wide ResNet-34, last-layer feature-map comparison, dot product,
+    # NCE. Optimiser as AMDIM's, from which YADIM descends.
+    "yadim": {
+        "augment": "yadim", "encoder": "wide_resnet", "extract": "last_map", "similarity": "dot", "loss": "amdim_nce",
+        "tclip": 20.0, "temperature": 1.0, "reg_weight": 0.05,
+        "optimizer": "adam", "lr": 2e-4, "batch_size": 200, "weight_decay": 0.0,
+    },
+}

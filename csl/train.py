@@ -1,0 +1,214 @@
+"""Training: a plain PyTorch loop that knows nothing about search.
+
+``train(config, callback=...)`` runs epochs and calls ``callback(epoch, metrics, save_checkpoint)`` after each;
+the search's trainable passes a callback that calls ``tune.report``. ``Run`` holds one run's state so tests and
+studies can step it, checkpoint it and resume it exactly.
+
+The step follows airbench's data path: the dataset is uint8 on the device, batches are drawn by indexing with a
+device permutation, augmentation is batched with per-sample parameters, and nothing synchronises with the host
+inside an epoch (the loss is accumulated on the device and read once at the end).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csl import data as datasets
+from csl.config import resolve
+from csl.evaluate import extract_features, knn_accuracy, probe_accuracy
+from csl.model import build_model, target_momentum
+from csl.optim import build_optimizer, lr_factor
+
+EpochCallback = Callable[[int, dict[str, float], Callable[[str | Path], None]], None]
+CHECKPOINT_FILE = "state.pt"
+
+
+class Diverged(RuntimeError):
+    """The SSL loss became NaN or infinite; retrying the same config would diverge again."""
+
+    def __init__(self, epoch: int, loss: float) -> None:
+        super().__init__(f"loss diverged to {loss} in epoch {epoch}")
+        self.epoch = epoch
+        self.loss = loss
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(spec: str, split: str, root: str | None, download: bool, limit: int | None) -> Any:
+    """Decode a dataset once per process: a search worker reused across trials (reuse_actors) decodes it once."""
+    return datasets.load(spec, split=split, root=root, download=download, limit=limit)
+
+
+def load_data(config: Mapping[str, Any]) -> tuple[Any, Any]:
+    args = (config["data"], config.get("data_root"), bool(config.get("download")))
+    train_split = "train+unlabeled" if config["data"] == "stl10" else "train"
+    return (_load_cached(args[0], train_split, args[1], args[2], config.get("train_limit")),
+            _load_cached(args[0], "test", args[1], args[2], config.get("test_limit")))
+
+
+def image_size(data: Any) -> int:
+    size = getattr(data, "image_size", None)
+    return int(size) if size else int(data.images.shape[-1])
+
+
+class Run:
+    """One training run: model, optimiser, probe, RNG and position in the schedule."""
+
+    def __init__(self, config: Mapping[str, Any], *, data: tuple[Any, Any] | None = None) -> None:
+        self.config = resolve(config)
+        cfg = self.config
+        torch.manual_seed(cfg["seed"])
+        self.device = pick_device(cfg["device"])
+        train_data, test_data = data if data is not None else load_data(cfg)
+        self.train_data = train_data.to(self.device) if hasattr(train_data, "to") else train_data
+        self.test_data = test_data.to(self.device) if hasattr(test_data, "to") else test_data
+        if len(self.train_data) < cfg["batch_size"]:
+            raise ValueError(f"batch_size {cfg['batch_size']} is larger than the training set "
+                             f"({len(self.train_data)} images): lower batch_size or raise train_limit")
+        mean, std = self.train_data.mean_std()
+        self.pipeline, self.model = build_model(cfg, image_size=image_size(self.train_data), mean=mean, std=std)
+        self.on_cuda = self.device.type == "cuda"
+        self.autocast = bool(cfg["amp"]) and self.on_cuda
+        self.channels_last = bool(cfg["channels_last"]) and self.on_cuda
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.num_classes = self.train_data.num_classes
+        self.probe = nn.Linear(self.model.encoder.vector_dim, self.num_classes).to(self.device)
+        self.optimizer = build_optimizer(cfg["optimizer"], self.model, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                         sgd_momentum=cfg["sgd_momentum"], fused=self.on_cuda)
+        self.probe_optimizer = torch.optim.Adam(self.probe.parameters(), lr=cfg["probe_lr"])
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
+        self.steps_per_epoch = len(self.train_data) // cfg["batch_size"]
+        self.total_steps = cfg["epochs"] * self.steps_per_epoch
+        self.warmup_steps = min(cfg["warmup_epochs"], cfg["epochs"]) * self.steps_per_epoch
+        self.epoch = 0
+        self.step = 0
+        self.forward = torch.compile(self.model) if cfg["compile"] else self.model
+        self.last_eval: dict[str, float] = {}
+
+    def _set_lr(self) -> None:
+        factor = lr_factor(self.step, self.total_steps, self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config["lr"] * factor
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimisation step; returns the loss as a device tensor (no host synchronisation)."""
+        self._set_lr()
+        view_a, view_b = self.pipeline(images, self.generator)
+        if self.channels_last and view_a.dim() == 4:
+            view_a = view_a.contiguous(memory_format=torch.channels_last)
+            view_b = view_b.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, vectors = self.forward(view_a, view_b)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.model.target is not None:
+            self.model.update_target(target_momentum(self.config, self.step / max(1, self.total_steps)))
+        if self.config["probe"]:
+            labelled = labels >= 0
+            probe_loss = F.cross_entropy(self.probe(vectors.detach().float()[labelled]), labels[labelled])
+            self.probe_optimizer.zero_grad(set_to_none=True)
+            probe_loss.backward()
+            self.probe_optimizer.step()
+        self.step += 1
+        return loss.detach()
+
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        total = torch.zeros((), device=self.device)
+        seen = 0
+        for images, labels in self.train_data.batches(self.config["batch_size"], self.generator):
+            total += self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device))
+            seen += images.shape[0]
+        loss = float(total) / max(1, self.steps_per_epoch)  # the epoch's one synchronisation
+        elapsed = time.perf_counter() - start
+        self.epoch += 1
+        if not math.isfinite(loss):
+            raise Diverged(self.epoch, loss)
+        return {"loss": loss, "images_per_s": seen / elapsed, "epoch_time": elapsed}
+
+    def evaluate(self) -> dict[str, float]:
+        batch = max(256, self.config["batch_size"])
+        train_x, train_y = extract_features(self.model, self.pipeline, self.train_data, batch_size=batch,
+                                            device=self.device, autocast=self.autocast)
+        test_x, test_y = extract_features(self.model, self.pipeline, self.test_data, batch_size=batch,
+                                          device=self.device, autocast=self.autocast)
+        metrics = {"knn_acc": knn_accuracy(train_x, train_y, test_x, test_y, k=self.config["knn_k"],
+                                           temperature=self.config["knn_temperature"], num_classes=self.num_classes)}
+        if self.config["probe"]:
+            metrics["probe_acc"] = probe_accuracy(self.probe, test_x, test_y)
+        self.last_eval = metrics
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "probe": self.probe.state_dict(),
+            "probe_optimizer": self.probe_optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "last_eval": dict(self.last_eval),
+            "config": {k: v for k, v in self.config.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.probe.load_state_dict(state["probe"])
+        self.probe_optimizer.load_state_dict(state["probe_optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.last_eval = dict(state["last_eval"])
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path / CHECKPOINT_FILE)
+        return path / CHECKPOINT_FILE
+
+    def load(self, directory: str | Path) -> None:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=True)
+        self.load_state_dict(state)
+
+
+def train(config: Mapping[str, Any], *, callback: EpochCallback | None = None,
+          resume_from: str | Path | None = None, data: tuple[Any, Any] | None = None) -> dict[str, float]:
+    """Train for ``config['epochs']`` epochs (counted from the checkpoint when resuming); return the last metrics."""
+    run = Run(config, data=data)
+    if resume_from is not None:
+        run.load(resume_from)
+    metrics: dict[str, float] = {}
+    every = max(1, int(run.config["eval_every"]))
+    while run.epoch < run.config["epochs"]:
+        metrics = run.train_epoch()
+        if run.epoch % every == 0 or run.epoch == run.config["epochs"]:
+            run.evaluate()
+        metrics.update(run.last_eval)
+        metrics["epoch"] = run.epoch
+        if callback is not None:
+            callback(run.epoch, dict(metrics), run.save)
+    return metrics
