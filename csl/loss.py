@@ -84,7 +84,11 @@ class ByolLoss(Loss):
 
 
 class MocoLoss(InfoNCE):
-    """MoCo: InfoNCE whose negatives include a queue of past target candidates (kept by ``csl.model``)."""
+    """MoCo: InfoNCE whose negatives include a queue of past target candidates (kept by ``csl.model``).
+
+    The keys of the other images in the batch are negatives too (both views, as the extraction pairs them); with a
+    queue of thousands they are a small share of the negatives.
+    """
 
     needs_target = True
 

@@ -19,7 +19,7 @@ from csl.model import NegativeQueue
 from csl.registry import LOSS, SIMILARITY
 from csl.types import Pairs
 
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+TOL = {"rel": 1e-5, "abs": 1e-5}
 
 
 def cos(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -106,7 +106,8 @@ def test_byol_is_two_minus_two_cosine() -> None:
 
 
 def test_moco_negatives_include_the_queue() -> None:
-    """MoCo: −log e^{q·k⁺/τ} / (e^{q·k⁺/τ} + Σ_{k⁻ ∈ batch keys of other images ∪ queue} e^{q·k⁻/τ})."""
+    """MoCo: −log e^{q·k⁺/τ} / (e^{q·k⁺/τ} + Σ_{k⁻} e^{q·k⁻/τ}), k⁻ over the queue and the keys (both views) of the
+    other images in the batch; the query's own image's same-view key is excluded."""
     g = torch.Generator().manual_seed(4)
     n, d, tau = 3, 5, 0.2
     qa, qb, ka, kb = (torch.randn(n, d, generator=g) for _ in range(4))
@@ -122,7 +123,7 @@ def test_moco_negatives_include_the_queue() -> None:
     for q_side, k_side in ((qa, kb), (qb, ka)):
         for i in range(n):
             pos = math.exp(cos(q_side[i], k_side[i]) / tau)
-            neg = sum(math.exp(cos(q_side[i], k_side[j]) / tau) for j in range(n) if j != i)
+            neg = sum(math.exp(cos(q_side[i], keys[j]) / tau) for keys in (ka, kb) for j in range(n) if j != i)
             neg += sum(math.exp(cos(q_side[i], p) / tau) for p in past)
             total += -math.log(pos / (pos + neg))
     assert float(ours) == pytest.approx(total / (2 * n), **TOL)
@@ -166,7 +167,7 @@ def test_similarities_by_formula() -> None:
         bilinear.weight.copy_(torch.arange(16.0).reshape(4, 4))
     w = bilinear.weight.tolist()
     ref = sum(a[0, i].item() * w[i][j] * c[1, j].item() for i in range(4) for j in range(4))
-    assert float(bilinear(a, c)[0, 1]) == pytest.approx(ref, rel=1e-5)
+    assert float(bilinear(a, c)[0, 1].detach()) == pytest.approx(ref, rel=1e-5)
     assert F.normalize(a, dim=1).shape == a.shape
 
 

@@ -1,0 +1,197 @@
+"""Image sets stored as parquet: one row per image, the encoded image bytes and an integer label.
+
+Columns: the image is the first of ``image``/``img``/``jpeg``/``png``/``bytes`` that exists, either binary or a
+struct with a ``bytes`` field (the Hugging Face layout); the label is the first of ``label``/``labels``/``target``
+(absent: every label is -1). Schema metadata ``classes`` (comma-separated names) names the classes.
+
+Decoding is batched: JPEGs go through ``torchvision.io.decode_jpeg`` on a list of tensors, in chunks over a
+small thread pool (it releases the GIL); other formats (PNG, ...) through ``decode_image`` one by one.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from csl.data.image_data import ImageData, balanced_indices
+
+IMAGE_COLUMNS = ("image", "img", "jpeg", "png", "bytes")
+LABEL_COLUMNS = ("label", "labels", "target")
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation", "unlabeled")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_CHUNK = 4096
+
+
+@contextmanager
+def quiet_image_io() -> Iterator[None]:
+    """Silence torchvision 0.29's deprecation notice for ``torchvision.io`` image decoding (TorchCodec is its
+    successor; it is not a dependency here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        yield
+
+
+def parquet_file(path: str | os.PathLike, split: str) -> Path:
+    """The parquet file of ``split`` under ``path``: ``path/{split}.parquet``, or ``path`` itself if a file.
+
+    A file named after another split (``test.parquet`` when ``split="train"``) is refused rather than silently
+    used for both splits.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        file = path / f"{split}.parquet"
+        if not file.is_file():
+            found = sorted(p.name for p in path.glob("*.parquet"))
+            raise FileNotFoundError(
+                f"no {split}.parquet in {path} (found: {', '.join(found) or 'no parquet files'})"
+            )
+        return file
+    if path.is_file():
+        if path.stem in SPLIT_NAMES and path.stem != split:
+            raise ValueError(
+                f"{path} is the '{path.stem}' split but split '{split}' was asked for; "
+                f"give the folder (parquet:{path.parent}) to choose splits by name"
+            )
+        return path
+    raise FileNotFoundError(f"no parquet file or folder at {path}")
+
+
+def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
+    return next((c for c in candidates if c in names), None)
+
+
+def _bytes_array(column: pa.ChunkedArray) -> pa.Array:
+    """One contiguous binary array (int32 or int64 offsets) from an image column."""
+    array = column.combine_chunks()
+    if pa.types.is_struct(array.type):  # {"bytes": ..., "path": ...}
+        if array.type.get_field_index("bytes") < 0:
+            raise ValueError(f"image column is a struct without a 'bytes' field: {array.type}")
+        array = array.flatten()[array.type.get_field_index("bytes")]
+    if not (pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
+        try:  # binary_view and the like
+            array = array.cast(pa.large_binary())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise ValueError(f"image column must hold encoded image bytes, got type {array.type}") from err
+    if array.null_count:
+        raise ValueError(f"image column has {array.null_count} missing images")
+    return array
+
+
+def _to_tensors(array: pa.Array) -> tuple[list[Tensor], np.ndarray]:
+    """One uint8 tensor per image, all views of a single copied buffer; and which of them are JPEGs."""
+    offset_type = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+    _, offsets_buf, data_buf = array.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[array.offset : array.offset + len(array) + 1]
+    offsets = offsets.astype(np.int64)
+    start, stop = int(offsets[0]), int(offsets[-1])
+    data = torch.from_numpy(np.frombuffer(data_buf, dtype=np.uint8)[start:stop].copy())
+    offsets -= start
+    is_jpeg = _is_jpeg(data.numpy(), offsets)
+    bounds = offsets.tolist()
+    return [data[bounds[i] : bounds[i + 1]] for i in range(len(array))], is_jpeg
+
+
+def _is_jpeg(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Which byte ranges ``data[offsets[i]:offsets[i+1]]`` start with the JPEG marker, without a Python loop."""
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    is_jpeg = lengths >= len(_JPEG_MAGIC)
+    if not len(data):
+        return is_jpeg
+    for k, byte in enumerate(_JPEG_MAGIC):
+        is_jpeg &= data[np.minimum(starts + k, len(data) - 1)] == byte
+    return is_jpeg
+
+
+def decode_images(encoded: list[Tensor], *, is_jpeg: np.ndarray | None = None, threads: int | None = None) -> Tensor:
+    """Decode encoded images (uint8 byte tensors) to one uint8 N×3×H×W tensor; all must share one size.
+
+    ``is_jpeg`` (bool per image) marks those that go to the batched JPEG decoder; found from the bytes if None.
+    """
+    n = len(encoded)
+    if is_jpeg is None:
+        is_jpeg = np.array([bytes(t[: len(_JPEG_MAGIC)].numpy()) == _JPEG_MAGIC for t in encoded], dtype=bool)
+    if n == 0:
+        raise ValueError("no images to decode")
+    with quiet_image_io():
+        first = decode_image(encoded[0], mode=ImageReadMode.RGB)
+    out = torch.empty((n, *first.shape), dtype=torch.uint8)
+
+    def decode_chunk(start: int) -> None:
+        part = encoded[start : start + _CHUNK]
+        jpeg = is_jpeg[start : start + len(part)]
+        if jpeg.all():
+            images = decode_jpeg(part, mode=ImageReadMode.RGB)
+        else:  # JPEGs batched, the rest (PNG, ...) one by one
+            images = [None if j else decode_image(t, mode=ImageReadMode.RGB) for t, j in zip(part, jpeg)]
+            where = np.flatnonzero(jpeg).tolist()
+            if where:
+                for i, image in zip(where, decode_jpeg([part[i] for i in where], mode=ImageReadMode.RGB)):
+                    images[i] = image
+        shapes = {tuple(im.shape) for im in images}
+        if shapes != {tuple(first.shape)}:
+            raise ValueError(
+                f"images differ in size ({sorted(shapes)} vs {tuple(first.shape)}); parquet sets must hold "
+                "images of one size (use imagefolder:PATH with image_size to resize)"
+            )
+        torch.stack(images, out=out[start : start + len(part)])
+
+    threads = threads or min(4, os.cpu_count() or 1)
+    starts = range(0, n, _CHUNK)
+    with quiet_image_io():
+        if threads <= 1 or n <= _CHUNK:
+            for s in starts:
+                decode_chunk(s)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(decode_chunk, starts))
+    return out
+
+
+def load_parquet(
+    path: str | os.PathLike, *, split: str = "train", limit: int | None = None, name: str = ""
+) -> ImageData:
+    """The ``split`` of a parquet image set (see the module doc), decoded whole into an ``ImageData``."""
+    file = parquet_file(path, split)
+    schema = pq.read_schema(file)
+    image_col = _pick(schema.names, IMAGE_COLUMNS)
+    if image_col is None:
+        raise ValueError(f"{file}: no image column (looked for {', '.join(IMAGE_COLUMNS)}; has {schema.names})")
+    label_col = _pick(schema.names, LABEL_COLUMNS)
+    table = pq.read_table(file, columns=[image_col] + ([label_col] if label_col else []))
+    if label_col:
+        column = table.column(label_col)
+        if not pa.types.is_integer(column.type):
+            raise ValueError(f"{file}: label column '{label_col}' must hold integers, got {column.type}")
+        labels = torch.from_numpy(column.fill_null(-1).to_numpy().astype(np.int64))  # missing label: -1
+    else:
+        labels = torch.full((table.num_rows,), -1, dtype=torch.int64)
+
+    keep = balanced_indices(labels, limit)
+    images_array = _bytes_array(table.column(image_col))
+    if len(keep) < len(labels):
+        images_array = images_array.take(pa.array(keep.numpy()))
+        labels = labels[keep]
+    if len(images_array) == 0:
+        raise ValueError(f"{file}: no images" + (f" (limit={limit})" if limit is not None else ""))
+    encoded, is_jpeg = _to_tensors(images_array)
+    images = decode_images(encoded, is_jpeg=is_jpeg)
+
+    metadata = schema.metadata or {}
+    if b"classes" in metadata:
+        classes = [c.strip() for c in metadata[b"classes"].decode().split(",")]
+    else:
+        classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+    if len(labels) and int(labels.max()) >= len(classes):
+        raise ValueError(f"{file}: label {int(labels.max())} but only {len(classes)} classes in its metadata")
+    return ImageData(images=images, labels=labels, classes=classes, name=name or f"parquet:{file}")
