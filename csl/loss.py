@@ -70,13 +70,17 @@ class AmdimNCE(Loss):
 
 
 class ByolLoss(Loss):
-    """BYOL: 2 − 2·cos(prediction, target) on positive pairs only; negatives play no part."""
+    """BYOL: 2 − 2·cos(prediction, target) on positive pairs only; negatives play no part.
+
+    With cosine at temperature τ the loss is 2 − 2·cos/τ, the same objective scaled; the byol preset uses τ = 1.
+    """
 
     needs_target = True
 
     def incompatibility(self, similarity: nn.Module) -> str | None:
-        if not isinstance(similarity, Cosine) or similarity.temperature != 1.0 or similarity.tclip is not None:
-            return "loss 'byol' is 2 − 2·cos: it needs similarity 'cosine' with temperature 1 and no tclip"
+        if not isinstance(similarity, Cosine):
+            return ("loss 'byol' is 2 − 2·s with no negatives: an unbounded score (dot, bilinear) sends it to −∞, "
+                    "so it needs similarity 'cosine'")
         return None
 
     def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:

@@ -1,0 +1,119 @@
+"""Every preset and every extraction × similarity × loss combination builds and trains, or is refused with a reason."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import csl  # noqa: F401
+from csl.config import resolve
+from csl.model import CombinationError, build_model
+from csl.presets import PRESETS
+from csl.registry import EXTRACT, LOSS, SIMILARITY, ChoiceError
+from csl.train import Run
+from tests.helpers import cifar_mini, random_images, tiny  # noqa: F401  (cifar_mini is a fixture)
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def one_step(config: dict) -> tuple[torch.Tensor, torch.nn.Module]:
+    pipeline, model = build_model(resolve(config), image_size=32, mean=MEAN, std=STD)
+    g = torch.Generator().manual_seed(0)
+    view_a, view_b = pipeline(random_images(8), g)
+    loss, _ = model(view_a, view_b)
+    loss.backward()
+    return loss, model
+
+
+def first_conv_grad(model: torch.nn.Module) -> torch.Tensor:
+    conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.grad is not None
+    return conv.weight.grad
+
+
+@pytest.mark.parametrize("method", sorted(PRESETS))
+def test_every_preset_trains_a_few_steps(method: str, cifar_mini) -> None:
+    run = Run(tiny(method=method), data=cifar_mini)
+    before = None
+    if run.model.target is not None:
+        before = [p.clone() for p in run.model.target.parameters()]
+    losses = []
+    for images, labels in run.train_data.batches(run.config["batch_size"], run.generator):
+        losses.append(float(run.train_step(images, labels)))
+        if len(losses) == 3:
+            break
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert first_conv_grad(run.model).abs().sum() > 0, "no gradient reached the encoder"
+    if method in ("byol", "moco_v2"):
+        assert run.model.target is not None
+        after = list(run.model.target.parameters())
+        assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True)), "EMA target did not move"
+    else:
+        assert run.model.target is None
+
+
+COMBOS = list(itertools.product(EXTRACT.names(), SIMILARITY.names(), LOSS.names()))
+
+
+@pytest.mark.parametrize(("extract", "similarity", "loss"), COMBOS)
+def test_every_extract_similarity_loss_combination(extract: str, similarity: str, loss: str) -> None:
+    config = tiny(augment="simclr", encoder="resnet18", extract=extract, similarity=similarity, loss=loss,
+                  comparisons="1:5, 1:7, 5:5")
+    if loss == "byol" and similarity != "cosine":
+        with pytest.raises(CombinationError, match="needs similarity 'cosine'"):
+            one_step(config)
+        return
+    value, model = one_step(config)
+    assert torch.isfinite(value)
+    assert first_conv_grad(model).abs().sum() > 0
+
+
+@pytest.mark.parametrize("extract", ["last_vector", "multiscale", "cpc_context", "last_map"])
+def test_patch_pipeline_with_every_extraction(extract: str) -> None:
+    """CPC's patch views compose with every extraction, except multiscale comparisons that need a second map."""
+    config = tiny(augment="cpc", encoder="resnet18", extract=extract, similarity="dot", loss="infonce")
+    if extract == "multiscale":
+        with pytest.raises(CombinationError, match="intermediate feature map"):
+            one_step({**config, "comparisons": "1:5, 1:7, 5:5"})
+        config["comparisons"] = "1:5, 5:5"
+    value, model = one_step(config)
+    assert torch.isfinite(value)
+    assert first_conv_grad(model).abs().sum() > 0
+
+
+def test_target_ema_updates_every_parameter_and_buffer() -> None:
+    _, model = one_step(tiny(method="byol", encoder="resnet18"))
+    assert model.target is not None
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+        for b in model.encoder.buffers():
+            if b.is_floating_point():
+                b.add_(1.0)
+    t_before = [t.clone() for t in model.target["encoder"].state_dict().values()]
+    model.update_target(0.9)
+    moved = [not torch.equal(b, a) for b, a in zip(t_before, model.target["encoder"].state_dict().values(),
+                                                    strict=True)]
+    names = list(model.target["encoder"].state_dict())
+    float_names = [n for n, t in model.target["encoder"].state_dict().items() if t.is_floating_point()]
+    assert any("bias" in n for n in float_names) and any("running_mean" in n for n in float_names)
+    assert all(m for m, n in zip(moved, names, strict=True) if n in float_names)
+    # τ-weighted average, checked on one bias by the EMA formula: t ← τ·t + (1 − τ)·o.
+    name = next(n for n in float_names if n.endswith("bias"))
+    t0 = dict(zip(names, t_before, strict=True))[name]
+    o = model.encoder.state_dict()[name]
+    torch.testing.assert_close(model.target["encoder"].state_dict()[name], 0.9 * t0 + 0.1 * o)
+
+
+def test_loss_needing_target_with_momentum_zero_is_refused() -> None:
+    with pytest.raises(CombinationError, match="momentum target"):
+        one_step(tiny(method="moco_v2", encoder="resnet18", target_momentum=0))
+
+
+def test_unknown_names_and_options_are_refused() -> None:
+    with pytest.raises(ChoiceError, match="choose one of"):
+        resolve(tiny(method="simclr", loss="nope"))
+    with pytest.raises(ChoiceError, match="unknown option not_an_option"):
+        resolve(tiny(method="simclr", not_an_option=1))
