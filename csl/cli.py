@@ -55,6 +55,8 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from tqdm import tqdm
+
     from csl.evaluate import extract_features, linear_eval
     from csl.train import Run
 
@@ -68,7 +70,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         run.load(args.resume)
     start = time.perf_counter()
     while run.epoch < run.config["epochs"]:
-        metrics = run.train_epoch() | run.evaluate()
+        with tqdm(total=run.steps_per_epoch * run.config["batch_size"], unit="img", leave=False,
+                  desc=f"epoch {run.epoch + 1}", disable=not sys.stderr.isatty()) as bar:
+            metrics = run.train_epoch(progress=bar.update)
+        metrics |= run.evaluate()
         print(progress_line(run.epoch, run.config["epochs"], metrics), flush=True)
         if args.checkpoint:
             run.save(args.checkpoint)

@@ -129,7 +129,8 @@ class Run:
         self.step += 1
         return loss.detach()
 
-    def train_epoch(self) -> dict[str, float]:
+    def train_epoch(self, progress: Callable[[int], object] | None = None) -> dict[str, float]:
+        """One pass over the training set; ``progress(n)`` is told of every n images done (a progress bar)."""
         self.model.train()
         if self.on_cuda:
             torch.cuda.synchronize()
@@ -139,6 +140,8 @@ class Run:
         for images, labels in self.train_data.batches(self.config["batch_size"], self.generator):
             total += self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device))
             seen += images.shape[0]
+            if progress is not None:
+                progress(images.shape[0])
         loss = float(total) / max(1, self.steps_per_epoch)  # the epoch's one synchronisation
         elapsed = time.perf_counter() - start
         self.epoch += 1
