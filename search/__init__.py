@@ -1,0 +1,1 @@
+"""Searching the five-aspect CSL design space: space files (``search.space``) and the search runners."""

@@ -1,0 +1,5 @@
+"""``python -m search`` = ``csl-search``."""
+
+from search.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""``csl-search``: run, resume and compare searches over the CSL design space.
+
+    csl-search run SPACE.yaml [--scheduler asha|hyperband|pbt|fifo] [--searcher optuna|random|grid]
+                              [--num-samples N] [--max-concurrent N] [--cpus-per-trial C] [--gpus-per-trial G]
+                              [--storage DIR_OR_URI] [--name NAME] [--address HOST:PORT] [--num-cpus N]
+                              [--seed S] [--max-failures K] [--mlflow-uri URI] [--experiment NAME]
+    csl-search resume EXPERIMENT_FOLDER [--address HOST:PORT]
+    csl-search compare (--experiment NAME | --parent-run ID) [--mlflow-uri URI | --storage DIR] [--top N]
+
+Exit codes: 0 done; 1 the search could not run (tracking store unreachable, Ray error); 2 bad input (a space
+file that does not load, an unknown option) - reported in one message, before Ray is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from search.run import DEFAULT_STORAGE, SEARCHERS
+from search.schedulers import SCHEDULERS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csl-search", description="Run, resume and compare searches over the CSL design space (Ray Tune + MLflow)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a search over a space file")
+    run.add_argument("space", help="search space YAML file (spaces/*.yaml)")
+    run.add_argument("--scheduler", choices=SCHEDULERS, default="asha", help="trial scheduler (default: asha)")
+    run.add_argument("--searcher", choices=SEARCHERS, default="optuna", help="config proposer (default: optuna)")
+    run.add_argument("--num-samples", type=int, help="trials to run (default: whole grid / budget / 8)")
+    run.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    run.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial holds (default: 1)")
+    run.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (0.25)")
+    run.add_argument("--storage", default=DEFAULT_STORAGE, help="folder or URI (s3://, gs://, file://) for results")
+    run.add_argument("--name", help="experiment folder name (default: <space>-<date>-<time>)")
+    run.add_argument("--address", help="connect to this Ray cluster (host:port) instead of starting one")
+    run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the searcher (default: 0)")
+    run.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial (default: 2)")
+    run.add_argument("--mlflow-uri", help="tracking server or store (default: sqlite:///<storage>/mlflow.db)")
+    run.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
+    run.add_argument("-q", "--quiet", action="store_true", help="less Ray Tune progress output")
+
+    resume = sub.add_parser("resume", help="continue an interrupted search, keeping its completed trials")
+    resume.add_argument("path", help="the experiment folder (<storage>/<name>)")
+    resume.add_argument("--address", help="connect to this Ray cluster (default: the one the search used)")
+    resume.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: as before)")
+
+    compare = sub.add_parser("compare", help="rank a search's trials and the effect of each design choice")
+    which = compare.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="MLflow experiment name (its latest search)")
+    which.add_argument("--parent-run", help="MLflow run id of the search")
+    compare.add_argument("--mlflow-uri", help="tracking server or store (default: sqlite:///<storage>/mlflow.db)")
+    compare.add_argument("--storage", default=DEFAULT_STORAGE, help="where the default store lives (default: runs)")
+    compare.add_argument("--metric", help="metric to compare (default: the search's)")
+    compare.add_argument("--top", type=int, default=10, help="configurations to list (default: 10)")
+    return parser
+
+
+def _error(message: str, code: int) -> int:
+    print(f"csl-search: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from search.space import SpaceError, load_space
+
+    try:
+        space = load_space(args.space)
+    except SpaceError as exc:
+        return _error(str(exc), 2)
+    except OSError as exc:
+        return _error(f"cannot read space file {args.space}: {exc.strerror or exc}", 2)
+    for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent)):
+        if value is not None and value < 1:
+            return _error(f"{flag} must be at least 1, got {value}", 2)
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        return _error("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0", 2)
+
+    from search.run import SearchOptions, run_search
+    from search.tracking import TrackingUnavailable
+
+    options = SearchOptions(
+        scheduler=args.scheduler,
+        searcher=args.searcher,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        storage=args.storage,
+        name=args.name,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        seed=args.seed,
+        max_failures=args.max_failures,
+        mlflow_uri=args.mlflow_uri,
+        experiment=args.experiment,
+        verbose=0 if args.quiet else 1,
+    )
+    command = "csl-search " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        outcome = run_search(space, options, command=command)
+    except TrackingUnavailable as exc:
+        return _error(str(exc), 1)
+    except ValueError as exc:  # e.g. pbt over a space without continuous dimensions
+        return _error(str(exc), 2)
+    print(outcome.report())
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from search.run import resume_search
+    from search.tracking import TrackingUnavailable
+
+    try:
+        outcome = resume_search(args.path, address=args.address, num_cpus=args.num_cpus)
+    except FileNotFoundError as exc:
+        return _error(str(exc), 2)
+    except TrackingUnavailable as exc:
+        return _error(str(exc), 1)
+    print(outcome.report())
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from search.compare import CompareError, load
+    from search.tracking import TrackingUnavailable, check_reachable, local_tracking_uri
+
+    uri = args.mlflow_uri or local_tracking_uri(args.storage)
+    try:
+        check_reachable(uri)
+        comparison = load(uri, experiment=args.experiment, parent_run=args.parent_run, metric=args.metric)
+    except TrackingUnavailable as exc:
+        return _error(str(exc), 1)
+    except CompareError as exc:
+        return _error(str(exc), 2)
+    print(comparison.text(top=args.top))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args, argv)
+    if args.command == "resume":
+        return _resume(args)
+    return _compare(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""MLflow for a search: the tracking store, the parent run, and reading the child runs back.
+
+One search = one MLflow parent run (tags: space file hash, git commit, command line, Ray / torch / MLflow versions;
+the space file as an artifact; at the end results.parquet and history.parquet); one trial = one nested child run,
+written by ``search.callback.MlflowTrialCallback``.
+
+The store defaults to SQLite in the search's storage folder (MLflow 3.17 refuses the plain file store);
+``check_reachable`` fails in seconds, before Ray starts, when a tracking server does not answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from search.status import ENDED, EPOCH_METRICS, MAX_TAG
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "csl.trial_id"
+STATUS_TAG = "csl.status"
+ERROR_TAG = "csl.error"
+PARENT_TAG = "mlflow.parentRunId"
+SEARCH_TAG = "csl.search"  # marks a parent (search) run: value = the Ray experiment folder
+
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached (raised before any compute is spent)."""
+
+
+# ---------------------------------------------------------------------------------------------------- the store
+
+
+def local_tracking_uri(folder: str | Path) -> str:
+    """The default store: SQLite in the search's storage folder (MLflow 3.17 refuses the plain file store)."""
+    return f"sqlite:///{Path(folder).expanduser().resolve() / 'mlflow.db'}"
+
+
+@contextmanager
+def _quick_http(timeout_s: int):
+    """Make MLflow's HTTP client give up in seconds instead of ~4 minutes of retries (its defaults: 7, 120 s)."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_reachable(uri: str, timeout_s: int = 5) -> None:
+    """Fail fast, with a clear message, when the tracking store does not answer."""
+    from mlflow import MlflowClient
+
+    with _quick_http(timeout_s):
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrackingUnavailable(
+                f"cannot reach the MLflow tracking store at {uri}: {first[:300]}\n"
+                "Start the server (mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db)"
+                " or leave out --mlflow-uri to track into a local SQLite file."
+            ) from None
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def git_commit(folder: str | Path) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def start_parent_run(
+    client: Any,
+    experiment_id: str,
+    *,
+    space: Any,
+    run_name: str,
+    experiment_path: str,
+    command: str,
+    params: Mapping[str, Any],
+    repo: str | Path,
+) -> str:
+    """Create the search's parent run with its provenance tags, its options as params, the space as artifact."""
+    tags = {
+        SEARCH_TAG: experiment_path,
+        "csl.space": space.name,
+        "csl.space_path": str(space.path),
+        "csl.space_hash": space.content_hash,
+        "csl.command": command[:MAX_TAG],
+        "csl.metric": space.metric,
+        "csl.mode": space.mode,
+        "csl.ray_version": version("ray"),
+        "csl.torch_version": version("torch"),
+        "csl.mlflow_version": version("mlflow"),
+        "mlflow.source.name": "csl-search",
+    }
+    commit = git_commit(repo)
+    if commit:
+        tags["csl.git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in sorted(params.items())])
+    client.log_text(run_id, space.text, f"space/{Path(str(space.path)).name}")
+    return run_id
+
+
+def reopen_run(client: Any, run_id: str) -> None:
+    client.update_run(run_id, status="RUNNING")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]
+
+
+def finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def resolved_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config filled from its preset and the trainer defaults, as the trainer will see it.
+
+    ``csl.config.resolve`` also checks every name against the registries, which needs the aspect packages
+    (and torch) imported; the driver only needs the values, so it merges the same public tables itself and
+    falls back to the raw config if they are missing.
+    """
+    try:
+        from csl.config import TRAINER_DEFAULTS
+        from csl.presets import PRESETS
+    except Exception:  # noqa: BLE001
+        return dict(config)
+    merged = dict(TRAINER_DEFAULTS)
+    method = config.get("method")
+    if method in PRESETS:
+        merged.update(PRESETS[method])
+    merged.update({k: v for k, v in config.items() if v is not None})
+    return merged
+
+
+def dataset_input(config: Mapping[str, Any]) -> Any | None:
+    """The trial's data set as an MLflow ``DatasetInput`` (metadata only: name, where it lives, the limits)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    spec = str(config.get("data") or "cifar10-mini")
+    kind, sep, path = spec.partition(":")
+    if sep and kind in ("parquet", "imagefolder"):
+        location = path
+    elif spec == "cifar10-mini":
+        import importlib.util
+
+        found = importlib.util.find_spec("csl")
+        folders = list(found.submodule_search_locations or []) if found else []
+        location = str(Path(folders[0]) / "_data" / "cifar10-mini") if folders else spec
+    else:
+        root = config.get("data_root") or os.environ.get("CSL_DATA") or "~/.cache/csl/data"
+        location = str(Path(str(root)).expanduser() / spec)
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(location)
+        dataset = MetaDataset(source, name=spec)
+        tags = [InputTag("mlflow.data.context", "train")]
+        for key in ("train_limit", "test_limit"):
+            if config.get(key) is not None:
+                tags.append(InputTag(f"csl.{key}", str(config[key])))
+        return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)
+    except Exception as exc:  # noqa: BLE001 - a data set we cannot describe is not worth failing a trial for
+        log.warning("not logging data set %s as an MLflow input: %s", spec, exc)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------- reading back
+
+
+def trial_runs(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """The child runs of a search (one per trial)."""
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=50_000
+    )
+
+
+def run_columns(runs: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per Ray trial id: its MLflow run id (and its variant, for a neighbourhood space), for results.parquet."""
+    columns: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if TRIAL_TAG in run.data.tags:
+            row = {"mlflow_run_id": run.info.run_id}
+            if "variant" in run.data.params:
+                row["variant"] = run.data.params["variant"]
+            columns[run.data.tags[TRIAL_TAG]] = row
+    return columns
+
+
+def ended_results(runs: list[Any]) -> dict[str, dict[str, Any]]:
+    """{Ray trial id: last result as its run holds it} for the trials that ended (finished, stopped, diverged)."""
+    ended: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        tags, status = run.data.tags, run.data.tags.get(STATUS_TAG)
+        if TRIAL_TAG not in tags or status not in ENDED or run.info.status == "RUNNING":
+            continue
+        result: dict[str, Any] = {name: run.data.metrics.get(name, math.nan) for name in EPOCH_METRICS}
+        if status == "diverged":
+            result.update(loss=math.nan, error=tags.get(ERROR_TAG, "loss became NaN/inf"))
+        result.update(epoch=int(tags.get("csl.epochs_run") or 0), diverged=int(status == "diverged"))
+        result.update({key: tags.get(f"csl.{key}", "") for key in ("node_id", "node_ip", "hostname")})
+        ended[tags[TRIAL_TAG]] = result
+    return ended
+
+
+def backfill_history(client: Any, trials: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
+    """Add epochs missing from Tune's result files (a trial that ended just before its driver died) from MLflow."""
+    have: dict[str, set[int]] = {}
+    for row in history:
+        have.setdefault(row["trial_id"], set()).add(row["epoch"])
+    for trial in trials:
+        missing = set(range(1, int(trial["epochs"] or 0) + 1)) - have.get(trial["trial_id"], set())
+        if not missing or not trial.get("mlflow_run_id"):
+            continue
+        rows = {e: {"trial_id": trial["trial_id"], "epoch": e, "diverged": 0} for e in sorted(missing)}
+        for name in EPOCH_METRICS:
+            for metric in client.get_metric_history(trial["mlflow_run_id"], name):
+                if metric.step in rows:
+                    rows[metric.step][name] = metric.value
+                    rows[metric.step]["timestamp"] = metric.timestamp // 1000
+        history.extend(rows.values())
+    history.sort(key=lambda r: (r["trial_id"], r["epoch"]))
+
+
+def finish_parent(
+    client: Any, run_id: str, *, files: list[str], counts: Mapping[str, int], best: tuple[str, float, str] | None,
+    interrupted: bool, step: int = 0,
+) -> None:  # fmt: skip
+    """End the parent run: the tables as artifacts, trial counts and the best value as metrics, the status.
+
+    ``step``: how many times the search was resumed (the metrics of each end sit at their own step).
+    """
+    from mlflow.entities import Metric
+
+    for path in files:
+        client.log_artifact(run_id, path, "results")
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(f"trials_{status}", float(n), stamp, step) for status, n in counts.items()]
+    metrics.append(Metric("trials", float(sum(counts.values())), stamp, step))
+    if best is not None:
+        name, value, trial_id = best
+        metrics.append(Metric(name, value, stamp, step))
+        client.set_tag(run_id, "csl.best_trial", trial_id)
+    client.log_batch(run_id, metrics=metrics)
+    client.set_tag(run_id, "csl.search_status", "interrupted" if interrupted else "finished")
+    client.set_terminated(run_id, status="KILLED" if interrupted else "FINISHED")
+
+
+def abandon_parent(tracking_uri: str, run_id: str, exc: BaseException) -> None:
+    """Mark the parent run when the driver itself fails (KILLED on Ctrl-C: the search can be resumed)."""
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        client.set_tag(run_id, "csl.search_status", "interrupted" if interrupted else "failed")
+        if not interrupted:
+            client.set_tag(run_id, "csl.error", f"{type(exc).__name__}: {exc}"[:MAX_TAG])
+        client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
+    except Exception:  # noqa: BLE001 - never hide the original error
+        log.exception("could not mark MLflow run %s", run_id)

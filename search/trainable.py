@@ -1,0 +1,115 @@
+"""The Ray Tune function trainable: one trial = one ``csl.train.train`` run, reported to Tune once per epoch.
+
+The trainer knows nothing about Tune. Its callback hands over each epoch's metrics and a ``save_checkpoint``
+function; this module saves into a temporary folder, adds the epoch's result as ``csl_result.json``, reports
+``metrics + checkpoint`` with ``tune.report`` (which copies the folder into the experiment's storage before it
+returns), and resumes from ``tune.get_checkpoint()`` when Tune restarts the trial (retry after a failure,
+resumed search, PBT exploit).
+
+Every report also says where the trial ran (Ray node id, node IP, hostname), so the results table can show how
+trials spread over a cluster.
+
+A trial whose loss turns NaN/inf (``csl.train.Diverged``) does not raise, which would make Tune retry a config
+that diverges deterministically: it reports one last result with ``diverged=1`` and returns. That report carries
+a checkpoint holding only ``csl_result.json``: the durable record that the trial is over.
+
+A trial that had already ended when its driver died can come back from Tune's experiment snapshot as running or
+even pending (Tune snapshots when trials checkpoint, not when they end, and copies the snapshot to storage in
+the background). Such a trial must not train again: ``csl-search resume`` writes the trials MLflow holds as ended,
+with their last results, to a JSON file named by ``$CSL_ENDED_TRIALS``; a trial found there (or restored from a
+diverged record) repeats its last result and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from search.status import EPOCH_METRICS
+
+RESULT_FILE = "csl_result.json"  # the epoch's reported result, kept beside the trainer's state in a checkpoint
+ENDED_ENV = "CSL_ENDED_TRIALS"  # path or URI of {Ray trial id: last result} of trials that already ended
+
+
+def _node() -> dict[str, str]:
+    import ray
+
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        node_ip = ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - not inside Ray (a direct call in a debugger)
+        node_id, node_ip = "", ""
+    return {"node_id": node_id, "node_ip": node_ip, "hostname": socket.gethostname()}
+
+
+def ended_trials() -> dict[str, dict[str, Any]]:
+    """{Ray trial id: last result} from the file ``$CSL_ENDED_TRIALS`` names (a path or a pyarrow URI)."""
+    location = os.environ.get(ENDED_ENV)
+    if not location:
+        return {}
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.readall().decode())
+
+
+def _checkpoint_folder(result: Mapping[str, Any], save_checkpoint: Callable[[Path], None] | None, folder: str) -> Any:
+    from ray import tune
+
+    if save_checkpoint is not None:
+        save_checkpoint(Path(folder))
+    (Path(folder) / RESULT_FILE).write_text(json.dumps(dict(result)))  # NaN is written as NaN and read back
+    return tune.Checkpoint.from_directory(folder)
+
+
+def csl_trial(config: Mapping[str, Any]) -> None:
+    """Train one config, reporting ``epoch``, the trainer's metrics and a checkpoint after every epoch."""
+    from ray import tune
+
+    from csl.train import Diverged, train
+
+    node = _node()
+    metric_names: set[str] = set()
+    reports = 0
+
+    def report(epoch: int, metrics: Mapping[str, float], save_checkpoint: Callable[[Path], None]) -> None:
+        nonlocal reports
+        metric_names.update(metrics)
+        # An epoch without evaluation (eval_every > 1) still carries every metric Tune checks for; NaN = none.
+        result = {**{name: math.nan for name in EPOCH_METRICS}, **metrics, "epoch": int(epoch), "diverged": 0, **node}
+        with tempfile.TemporaryDirectory(prefix="csl-ckpt-") as folder:
+            tune.report(result, checkpoint=_checkpoint_folder(result, save_checkpoint, folder))
+        reports += 1
+
+    ended = ended_trials().get(tune.get_context().get_trial_id())
+    if ended is not None:
+        tune.report(ended)  # over already: say again how it ended, train nothing
+        return
+    checkpoint = tune.get_checkpoint()
+    try:
+        if checkpoint is None:
+            train(dict(config), callback=report)
+            return
+        with checkpoint.as_directory() as folder:
+            saved = Path(folder) / RESULT_FILE
+            last = json.loads(saved.read_text()) if saved.exists() else None
+            if last is not None and last.get("diverged"):
+                tune.report({**last, **node})  # over already: say again how it ended, train nothing
+                return
+            train(dict(config), callback=report, resume_from=folder)
+        if reports == 0 and last is not None:
+            # Resumed from the checkpoint of the last epoch: nothing left to train, so say again how it ended.
+            tune.report({**last, **node})
+    except Diverged as exc:
+        # Every metric Tune was told about must be present (Tune checks the search metric); NaN marks "none".
+        final: dict[str, Any] = {name: math.nan for name in metric_names | set(EPOCH_METRICS)}
+        final.update(epoch=int(exc.epoch), diverged=1, error=str(exc), **node)
+        with tempfile.TemporaryDirectory(prefix="csl-ckpt-") as folder:
+            tune.report(final, checkpoint=_checkpoint_folder(final, None, folder))
