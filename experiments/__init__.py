@@ -1,0 +1,11 @@
+"""Robustness studies over the CSL design space (Falcon & Cho 2020), run with csl-search and read back from MLflow.
+
+- ``encoder_robustness``    every method preset × a set of encoders × seeds, fixed budget, no early stopping;
+- ``extraction_robustness`` every method preset × every extraction strategy it can take × seeds;
+- ``rediscover_yadim``      an early-stopped search over the whole space, then its top combinations and the six
+                            presets re-evaluated across encoders and extractions, ranked by robustness;
+- ``report``                ``csl-search report <experiment or parent run>``: Markdown + plots, logged to MLflow;
+- ``stats``                 bootstrap intervals over seeds, ranking with ties, Spearman rank correlation.
+
+Run a study: ``python -m experiments.encoder_robustness --scale smoke``.
+"""

@@ -1,0 +1,408 @@
+"""Statistics for the robustness studies: seeds per cell, bootstrap intervals, ranking with ties, rank correlation.
+
+Pure numpy / pandas (no csl, no search), so it is tested on constructed data with known answers.
+
+Vocabulary of the studies:
+
+- a *combination* is what is being judged (a method preset, or a combination found by a search);
+- a *condition* is what it must be robust to (an encoder, an extraction strategy, or an encoder × extraction pair);
+- a *cell* is one combination under one condition; it holds one value per *seed* (a run's final-epoch metric).
+
+Robustness of a combination is summarised over its conditions from the per-condition means:
+
+- ``mean``  the average over conditions (how good it is on a typical choice);
+- ``worst`` the minimum over conditions (how good it is whatever the user picks) - the default ranking score;
+- ``spread`` max - min over conditions (how much the choice of condition can cost).
+
+Intervals are percentile bootstraps over seeds, stratified by condition: each resample redraws, within every
+condition, as many seeds as it has (with replacement), recomputes the per-condition means and the three scores.
+The RNG is seeded, so a report is reproducible. A winner is declared only when its interval lies entirely above
+the runner-up's; otherwise the leaders whose intervals overlap the leader's are reported as tied.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_RESAMPLES = 10_000
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_SEED = 0
+LOW_RANK_CORRELATION = 0.5
+MIN_SEEDS_FOR_WINNER = 3
+"""Fewest seeds per cell for which a winner may be declared: a percentile bootstrap over two seeds spans just the
+two observed values (and collapses to a point when they are equal), so it under-covers badly."""
+SCORES = ("worst", "mean", "spread")
+SCORE_DIRECTION = {"worst": "max", "mean": "max", "spread": "min"}
+"""Which way is better for each robustness score when the metric itself is higher-is-better."""
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    array = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float).ravel()
+    return array[np.isfinite(array)]
+
+
+def _rng(seed: int, *key: Any) -> np.random.Generator:
+    """A generator for (seed, key): stable across processes (crc32, not Python's salted hash)."""
+    words = [int(seed)] + [zlib.crc32(str(k).encode()) for k in key]
+    return np.random.default_rng(np.random.SeedSequence(words))
+
+
+def bootstrap_ci(
+    values: Iterable[float],
+    statistic: Callable[..., Any] = np.mean,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_SEED,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over ``values`` (non-finite values dropped).
+
+    ``statistic`` is called as ``statistic(samples, axis=1)`` on an ``n_resamples × n`` array. Fewer than two
+    values give no interval: ``(nan, nan)``.
+    """
+    data = _finite(values)
+    if data.size < 2:
+        return (math.nan, math.nan)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    rng = _rng(seed)
+    index = rng.integers(0, data.size, size=(int(n_resamples), data.size))
+    stats = np.asarray(statistic(data[index], axis=1), dtype=float)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    return (float(low), float(high))
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+def cell_table(
+    frame: pd.DataFrame,
+    *,
+    by: Sequence[str],
+    value: str = "value",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_SEED,
+) -> pd.DataFrame:
+    """One row per cell (``by`` columns): seeds with a value, mean, std, bootstrap interval of the mean, failed.
+
+    ``failed`` counts rows of the cell whose value is missing or not finite (a failed or diverged run).
+    """
+    rows = []
+    for key, group in frame.groupby(list(by), sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        values = _finite(group[value].to_numpy(dtype=float))
+        low, high = bootstrap_ci(values, n_resamples=n_resamples, confidence=confidence, seed=seed)
+        rows.append({
+            **dict(zip(by, key, strict=True)),
+            "seeds": int(values.size),
+            "mean": float(values.mean()) if values.size else math.nan,
+            "std": float(values.std(ddof=1)) if values.size > 1 else math.nan,
+            "ci_low": low,
+            "ci_high": high,
+            "failed": int(len(group) - values.size),
+        })
+    return pd.DataFrame(rows, columns=[*by, "seeds", "mean", "std", "ci_low", "ci_high", "failed"])
+
+
+# ------------------------------------------------------------------------------------------------ robustness
+
+
+@dataclass
+class Robustness:
+    """Robustness scores of one combination over its conditions (see the module docstring)."""
+
+    combination: str
+    conditions: int
+    min_seeds: int
+    failed: int
+    missing: list[str]
+    scores: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
+    condition_means: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"combination": self.combination, "conditions": self.conditions,
+                               "min_seeds": self.min_seeds, "failed": self.failed,
+                               "missing": ", ".join(self.missing)}
+        for name in SCORES:
+            out[name] = self.scores[name]
+            out[f"{name}_low"], out[f"{name}_high"] = self.intervals[name]
+        return out
+
+
+def robustness_scores(
+    per_condition: dict[str, Sequence[float]],
+    *,
+    combination: str = "",
+    expected: Sequence[str] | None = None,
+    failed: int = 0,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_SEED,
+) -> Robustness:
+    """Mean, worst and spread over conditions, each with a bootstrap interval stratified by condition.
+
+    ``per_condition`` maps a condition to its seed values (non-finite dropped). ``expected`` lists the conditions
+    the combination should have; those with no value are reported in ``missing``. Intervals are ``nan`` unless
+    every present condition has at least two seeds (a one-seed condition would look certain).
+    """
+    cleaned = {c: _finite(v) for c, v in per_condition.items()}
+    present = {c: v for c, v in cleaned.items() if v.size}
+    missing = [c for c in (expected or cleaned) if c not in present]
+    nan2 = (math.nan, math.nan)
+    if not present:
+        return Robustness(combination, 0, 0, failed, missing, {s: math.nan for s in SCORES},
+                          {s: nan2 for s in SCORES})
+    means = np.array([v.mean() for v in present.values()])
+    scores = {"mean": float(means.mean()), "worst": float(means.min()), "spread": float(means.max() - means.min())}
+    min_seeds = int(min(v.size for v in present.values()))
+    intervals = {s: nan2 for s in SCORES}
+    if min_seeds >= 2:
+        rng = _rng(seed, combination)
+        resampled = np.empty((int(n_resamples), len(present)))
+        for j, values in enumerate(present.values()):
+            index = rng.integers(0, values.size, size=(int(n_resamples), values.size))
+            resampled[:, j] = values[index].mean(axis=1)
+        boot = {"mean": resampled.mean(axis=1), "worst": resampled.min(axis=1),
+                "spread": resampled.max(axis=1) - resampled.min(axis=1)}
+        alpha = (1.0 - confidence) / 2.0
+        for name, stats in boot.items():
+            low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+            intervals[name] = (float(low), float(high))
+    return Robustness(combination, len(present), min_seeds, failed, missing, scores, intervals,
+                      {c: float(v.mean()) for c, v in present.items()})
+
+
+def robustness_table(
+    frame: pd.DataFrame,
+    *,
+    combination: str,
+    condition: str | Sequence[str],
+    value: str = "value",
+    applicable: dict[str, Sequence[str]] | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_SEED,
+) -> pd.DataFrame:
+    """Robustness of every combination in ``frame`` (one row per run) over the ``condition`` column(s).
+
+    ``applicable`` maps a combination to the conditions it can take (default: every condition seen in the
+    frame); a condition it cannot take (a refused combination) is neither expected nor missing.
+    """
+    conditions = [condition] if isinstance(condition, str) else list(condition)
+    frame = frame.copy()
+    frame["_condition"] = frame[conditions].astype(str).agg(" / ".join, axis=1)
+    every = sorted(frame["_condition"].unique())
+    rows = []
+    for name, group in frame.groupby(combination, sort=True):
+        values = group[value].to_numpy(dtype=float)
+        per = {c: g[value].to_numpy(dtype=float) for c, g in group.groupby("_condition", sort=True)}
+        expected = list(applicable.get(name, every)) if applicable else every
+        result = robustness_scores(
+            per, combination=str(name), expected=expected, failed=int((~np.isfinite(values)).sum()),
+            n_resamples=n_resamples, confidence=confidence, seed=seed,
+        )
+        rows.append(result.row())
+    columns = ["combination", "conditions", "min_seeds", "failed", "missing"]
+    columns += [c for s in SCORES for c in (s, f"{s}_low", f"{s}_high")]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------------------------------------ ranking
+
+
+@dataclass
+class Verdict:
+    """Outcome of a ranking: a declared winner, or the leaders that cannot be told apart."""
+
+    score: str
+    ranked: list[str]
+    winner: str | None
+    tied: list[str]
+    reason: str
+
+    def text(self) -> str:
+        if self.winner is not None:
+            return f"winner: **{self.winner}** ({self.reason})"
+        if len(self.tied) == 1:
+            return f"no winner declared ({self.reason}); leader on the point estimate: **{self.tied[0]}**"
+        return f"no winner: {', '.join(f'**{t}**' for t in self.tied)} are tied ({self.reason})"
+
+
+def rank(table: pd.DataFrame, *, score: str = "worst", higher_is_better: bool = True,
+         name: str = "combination", min_seeds: int = MIN_SEEDS_FOR_WINNER) -> tuple[pd.DataFrame, Verdict]:
+    """Sort ``table`` by ``score`` (complete combinations first, equal scores by the mean) and decide the winner.
+
+    A combination is complete when it has a value for every condition it can take (``missing`` empty). The
+    leader is a winner only when its interval and the runner-up's are both known and separate (leader's low
+    above the runner-up's high, for a higher-is-better score) and both rest on at least ``min_seeds`` seeds per
+    cell (column ``min_seeds`` when present); otherwise every combination whose interval overlaps the leader's
+    (or that has no interval) is tied with it.
+    """
+    sign = -1.0 if higher_is_better else 1.0
+    table = table.copy()
+    missing = table["missing"].fillna("").astype(str) if "missing" in table else pd.Series("", index=table.index)
+    table["complete"] = missing.eq("")
+    key = table[score].astype(float).map(lambda v: sign * v if math.isfinite(v) else math.inf)
+    # Equal scores (accuracies are multiples of 1/test-set size) are ordered by the mean, then by name.
+    second = "mean" if score != "mean" and "mean" in table else score
+    key2 = table[second].astype(float).map(lambda v: -v if math.isfinite(v) else math.inf)
+    table = table.assign(_key=key, _key2=key2, _incomplete=~table["complete"])
+    table = table.sort_values(["_incomplete", "_key", "_key2", name])
+    table = table.drop(columns=["_key", "_key2", "_incomplete"]).reset_index(drop=True)
+    table.insert(0, "rank", range(1, len(table) + 1))
+    names = [str(n) for n in table[name]]
+    if len(table) == 0:
+        return table, Verdict(score, [], None, [], "nothing to rank")
+    if len(table) == 1:
+        return table, Verdict(score, names, names[0], [names[0]], "the only combination")
+    low, high = f"{score}_low", f"{score}_high"
+
+    def interval(i: int) -> tuple[float, float]:
+        return float(table.loc[i, low]), float(table.loc[i, high])
+
+    def separates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        if not all(math.isfinite(x) for x in (*a, *b)):
+            return False
+        return a[0] > b[1] if higher_is_better else a[1] < b[0]
+
+    def seeds(i: int) -> float:
+        return float(table.loc[i, "min_seeds"]) if "min_seeds" in table else math.inf
+
+    lead, runner = interval(0), interval(1)
+    enough = min(seeds(0), seeds(1)) >= min_seeds
+    if separates(lead, runner) and bool(table.loc[0, "complete"]) and enough:
+        reason = (f"its {score} interval [{lead[0]:.4f}, {lead[1]:.4f}] lies "
+                  f"{'above' if higher_is_better else 'below'} the runner-up {names[1]}'s "
+                  f"[{runner[0]:.4f}, {runner[1]:.4f}]")
+        return table, Verdict(score, names, names[0], [names[0]], reason)
+    tied = [names[0]] + [names[i] for i in range(1, len(table)) if not separates(lead, interval(i))]
+    if not all(math.isfinite(x) for x in lead):
+        reason = f"the leader {names[0]} has no {score} interval (a cell with fewer than 2 seeds)"
+    elif not bool(table.loc[0, "complete"]):
+        reason = f"the leader {names[0]} is missing conditions"
+    elif separates(lead, runner) and not enough:
+        reason = (f"cells have {int(min(seeds(0), seeds(1)))} seeds, fewer than the {min_seeds} needed before a "
+                  "percentile-bootstrap interval is trusted to separate two combinations")
+    else:
+        reason = (f"their {score} intervals overlap the leader's [{lead[0]:.4f}, {lead[1]:.4f}]; "
+                  "more seeds would be needed to separate them")
+    return table, Verdict(score, names, None, tied, reason)
+
+
+# ------------------------------------------------------------------------------------------------ rank correlation
+
+
+def rankdata(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n with ties given the average of the ranks they span (scipy's ``method='average'``)."""
+    x = np.asarray(values, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(x.size, dtype=float)
+    sorted_x = x[order]
+    start = 0
+    while start < x.size:
+        stop = start + 1
+        while stop < x.size and sorted_x[stop] == sorted_x[start]:
+            stop += 1
+        ranks[order[start:stop]] = (start + 1 + stop) / 2.0  # mean of ranks start+1 .. stop
+        start = stop
+    return ranks
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size != b.size:
+        raise ValueError(f"x and y differ in length: {a.size} != {b.size}")
+    if a.size < 2:
+        return math.nan
+    da, db = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float((da * da).sum()) * float((db * db).sum()))
+    return float((da * db).sum()) / denominator if denominator > 0 else math.nan
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks. Pairs with a NaN are dropped;
+    ``nan`` when fewer than two pairs remain or either side is constant."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size != b.size:
+        raise ValueError(f"x and y differ in length: {a.size} != {b.size}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size < 2:
+        return math.nan
+    return pearson(rankdata(a), rankdata(b))
+
+
+def grace_vs_final(history: pd.DataFrame, grace_period: int, *, trial: str = "trial", epoch: str = "epoch",
+                   value: str = "value") -> pd.DataFrame:
+    """Per trial: its metric at the grace period (the last epoch <= grace_period) and at its last epoch.
+
+    Only trials that ran past the grace period are kept: for the others both values are the same number and
+    say nothing about whether stopping there was right.
+    """
+    rows = []
+    clean = history[np.isfinite(history[value].astype(float))]
+    for name, group in clean.groupby(trial, sort=True):
+        group = group.sort_values(epoch)
+        early = group[group[epoch] <= grace_period]
+        last = group.iloc[-1]
+        if early.empty or int(last[epoch]) <= grace_period:
+            continue
+        rows.append({trial: name, "at_grace": float(early.iloc[-1][value]), "grace_epoch": int(early.iloc[-1][epoch]),
+                     "final": float(last[value]), "final_epoch": int(last[epoch])})
+    return pd.DataFrame(rows, columns=[trial, "at_grace", "grace_epoch", "final", "final_epoch"])
+
+
+@dataclass
+class EarlyStoppingCheck:
+    grace_period: int
+    trials: int
+    rho: float
+    threshold: float
+    pairs: pd.DataFrame
+
+    @property
+    def low(self) -> bool:
+        return not math.isfinite(self.rho) or self.rho < self.threshold
+
+    def text(self) -> str:
+        if self.trials < 3 or not math.isfinite(self.rho):
+            return (f"not measurable: {self.trials} trial(s) ran past the grace period (epoch {self.grace_period}), "
+                    "and a rank correlation needs at least 3 whose values are not all tied")
+        line = (f"Spearman rank correlation between the metric at epoch {self.grace_period} (grace period) and at "
+                f"the last epoch: rho = {self.rho:.3f} over {self.trials} trials")
+        if self.low:
+            line += (f". WARNING: rho < {self.threshold}: the ranking at the grace period does not predict the final "
+                     "ranking; ASHA may prune slow starters (methods that start slow and overtake, such as "
+                     "SimSiam/NNCLR): raise the grace period or use a FIFO scheduler")
+        return line
+
+
+def early_stopping_check(history: pd.DataFrame, grace_period: int, *, threshold: float = LOW_RANK_CORRELATION,
+                         trial: str = "trial", epoch: str = "epoch", value: str = "value") -> EarlyStoppingCheck:
+    pairs = grace_vs_final(history, grace_period, trial=trial, epoch=epoch, value=value)
+    rho = spearman(pairs["at_grace"], pairs["final"]) if len(pairs) >= 2 else math.nan
+    return EarlyStoppingCheck(int(grace_period), len(pairs), rho, threshold, pairs)
+
+
+# ------------------------------------------------------------------------------------------------ marginals
+
+
+def marginal_table(frame: pd.DataFrame, key: str, *, value: str = "value", n_resamples: int = DEFAULT_RESAMPLES,
+                   confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED) -> pd.DataFrame:
+    """Mean of ``value`` per value of ``key`` over every run that has it, with a bootstrap interval over runs."""
+    return cell_table(frame, by=[key], value=value, n_resamples=n_resamples, confidence=confidence, seed=seed)
