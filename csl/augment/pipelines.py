@@ -1,0 +1,304 @@
+"""The augmentation choices: each method's pipeline, as its paper and pl_bolts define it.
+
+Every builder is keyword-only; ``image_size``, ``mean`` and ``std`` are context the framework supplies. Options
+that mean the same thing carry the same name in every pipeline that has them:
+
+    jitter_strength   multiplies the pipeline's own colour-jitter strengths (1.0 = the paper's)
+    jitter_prob       probability that a view is colour-jittered at all
+    grayscale_prob    probability that a view is turned to grayscale
+    blur_prob         probability that a view is blurred; a pair gives one per view
+    crop_scale_min    smallest crop area, as a fraction of the image (RandomResizedCrop's scale[0])
+    solarize_prob     probability that a view is solarized; a pair gives one per view
+    translate_max     largest shift in pixels of the translate-with-reflection (default image_size / 8)
+    translate_prob    probability that a view is translated
+    patch_size        side of CPC's square patches (default image_size / 4)
+    patch_overlap     pixels shared by neighbouring patches (default half a patch)
+
+Each view draws its own parameters for every sample; the two views of an image are independent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from csl.augment import ops
+from csl.augment.views import ViewSpec, augment_views
+from csl.registry import AUGMENT
+
+Prob = float | tuple[float, float]
+
+
+class Pipeline:
+    """Two random views per image, drawn independently for every sample and for each view.
+
+    ``patches`` tells whether views are patch grids N×P×3×p×p (CPC) rather than images N×3×S×S.
+    """
+
+    def __init__(
+        self,
+        views: tuple[ViewSpec, ViewSpec],
+        *,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        patch_size: int | None = None,
+        patch_stride: int | None = None,
+    ) -> None:
+        self.views = views
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.patch_size = patch_size
+        self.patch_stride = patch_stride or patch_size
+        self.patches = patch_size is not None
+        self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Two views of uint8 (0-255) or float (0-1) images N×3×H×W; the generator must be on their device."""
+        mean, std = self._mean_std(images.device)
+        views = augment_views(images, self.views, self.image_size, generator, mean, std)
+        first, second = self._patchify(views).chunk(2)
+        return first, second
+
+    def eval_view(self, images: Tensor) -> Tensor:
+        """The deterministic view evaluation uses: the image itself, resized to image_size if needed, normalised."""
+        resized = ops.resize(ops.to_float(images), self.image_size)
+        return self._patchify(ops.normalize(resized, *self._mean_std(images.device)))
+
+    def _mean_std(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """mean and std as tensors on device, copied there once (every copy would make the host wait)."""
+        if device not in self._constants:
+            self._constants[device] = (torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device))
+        return self._constants[device]
+
+    def _patchify(self, images: Tensor) -> Tensor:
+        if self.patch_size is not None and self.patch_stride is not None:
+            return ops.patchify(images, self.patch_size, self.patch_stride)
+        return images
+
+    def __repr__(self) -> str:
+        patches = f", patch_size={self.patch_size}, patch_stride={self.patch_stride}" if self.patches else ""
+        return f"Pipeline(image_size={self.image_size}{patches}, views={self.views})"
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """SimCLR: "the kernel size is set to be 10% of the image height/width", made odd (pl_bolts' rounding)."""
+    size = int(0.1 * image_size)
+    return size + 1 if size % 2 == 0 else size
+
+
+def _pair(prob: Prob) -> tuple[float, float]:
+    return (float(prob), float(prob)) if isinstance(prob, (int, float)) else (float(prob[0]), float(prob[1]))
+
+
+def _scaled(strengths: tuple[float, float, float, float], factor: float) -> tuple[float, float, float, float]:
+    b, c, s, h = (x * factor for x in strengths)
+    if h > 0.5:
+        raise ValueError(f"jitter_strength {factor} makes the hue jitter {h}, above torchvision's limit of 0.5")
+    return (b, c, s, h)
+
+
+def _translate_max(translate_max: int | None, image_size: int) -> int:
+    shift = image_size // 8 if translate_max is None else translate_max
+    if not 0 <= shift < image_size:
+        raise ValueError(f"translate_max must lie in [0, image_size), got {shift}")
+    return shift
+
+
+def _amdim_spec(
+    image_size: int, jitter_strength: float, jitter_prob: float, grayscale_prob: float, translate_max: int | None,
+    translate_prob: float, crop_scale: tuple[float, float] | None = None,
+) -> ViewSpec:
+    return ViewSpec(
+        crop_scale=crop_scale,
+        translate_max=_translate_max(translate_max, image_size),
+        translate_prob=translate_prob,
+        jitter=_scaled((0.4, 0.4, 0.4, 0.2), jitter_strength),
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+    )
+
+
+@AUGMENT.register("amdim")
+def amdim(
+    *,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    jitter_strength: float = 1.0,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.25,
+    translate_max: int | None = None,
+    translate_prob: float = 0.8,
+) -> Pipeline:
+    """AMDIM (Bachman et al. 2019) on CIFAR, as pl_bolts' AMDIMTrainTransformsCIFAR10.
+
+    AMDIM maximises mutual information between features of two views of one image, so the views must share
+    content while differing in what the features should ignore: small shifts of position (translate by up to
+    4 px, filled by reflection so no artificial border appears), mirror images, and colour (jitter 0.4/0.4/0.4/0.2
+    at p=0.8, grayscale at p=0.25). No crop: at 32 px the translation is the positional change.
+    pl_bolts flips once per image and shares the flip between both views; here each view draws its own flip.
+    """
+    spec = _amdim_spec(image_size, jitter_strength, jitter_prob, grayscale_prob, translate_max, translate_prob)
+    return Pipeline((spec, spec), image_size=image_size, mean=mean, std=std)
+
+
+@AUGMENT.register("cpc")
+def cpc(
+    *,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    jitter_strength: float = 1.0,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.25,
+    translate_max: int | None = None,
+    translate_prob: float = 0.8,
+    patch_size: int | None = None,
+    patch_overlap: int | None = None,
+) -> Pipeline:
+    """CPC v2 (Hénaff et al. 2019) on CIFAR, as pl_bolts' CPCTrainTransformsCIFAR10: AMDIM's ops, then patches.
+
+    CPC predicts the features of patches below from the patches above, so each view is cut into a grid of
+    overlapping patches (8×8 with overlap 4 at 32 px: stride 4, a 7×7 grid). By default the patch is
+    image_size / 4 and the overlap half a patch, which keeps the 7×7 grid at any size (16/8 at 64 px, as pl_bolts
+    on STL-10).
+    """
+    size = image_size // 4 if patch_size is None else patch_size
+    overlap = size // 2 if patch_overlap is None else patch_overlap
+    if not 0 <= overlap < size <= image_size:
+        raise ValueError(f"need 0 <= patch_overlap < patch_size <= image_size, got {overlap}, {size}, {image_size}")
+    spec = _amdim_spec(image_size, jitter_strength, jitter_prob, grayscale_prob, translate_max, translate_prob)
+    return Pipeline(
+        (spec, spec), image_size=image_size, mean=mean, std=std, patch_size=size, patch_stride=size - overlap
+    )
+
+
+@AUGMENT.register("yadim")
+def yadim(
+    *,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    jitter_strength: float = 1.0,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.25,
+    translate_max: int | None = None,
+    translate_prob: float = 0.8,
+    crop_scale_min: float = 0.08,
+) -> Pipeline:
+    """YADIM (Falcon & Cho 2020): the AMDIM and CPC pipelines combined, on whole images.
+
+    The paper builds YADIM's augmentation from the union of AMDIM's and CPC's; CPC's contribution at any size
+    is the random resized crop (pl_bolts' CPC transforms crop above 32 px). No patches: YADIM compares the last
+    layer's feature maps of two full images. Per view, in order: random resized crop (scale crop_scale_min-1,
+    ratio 3/4-4/3) to image_size; flip p=0.5; translate with reflection by up to translate_max px, p=0.8; colour
+    jitter (0.4, 0.4, 0.4, 0.2) × jitter_strength, p=0.8; grayscale p=0.25.
+    """
+    spec = _amdim_spec(
+        image_size, jitter_strength, jitter_prob, grayscale_prob, translate_max, translate_prob, (crop_scale_min, 1.0)
+    )
+    return Pipeline((spec, spec), image_size=image_size, mean=mean, std=std)
+
+
+@AUGMENT.register("simclr")
+def simclr(
+    *,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    jitter_strength: float = 1.0,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    blur_prob: Prob = 0.5,
+    crop_scale_min: float = 0.08,
+) -> Pipeline:
+    """SimCLR (Chen et al. 2020): random resized crop, flip, strong colour distortion, blur.
+
+    "One composition of augmentations stands out: random cropping and random color distortion": crops alone let
+    the network match views by their colour histograms, so colour is distorted hard (jitter 0.8s/0.8s/0.8s/0.2s
+    at p=0.8 with s = jitter_strength, grayscale at p=0.2). Blur at p=0.5, sigma in [0.1, 2.0], kernel 10% of the
+    side (the paper drops it on CIFAR; pass blur_prob=0 for that).
+    """
+    blur_first, blur_second = _pair(blur_prob)
+    base = ViewSpec(
+        crop_scale=(crop_scale_min, 1.0),
+        jitter=_scaled((0.8, 0.8, 0.8, 0.2), jitter_strength),
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_kernel_size=blur_kernel_size(image_size),
+    )
+    views = (_with_blur(base, blur_first), _with_blur(base, blur_second))
+    return Pipeline(views, image_size=image_size, mean=mean, std=std)
+
+
+@AUGMENT.register("moco_v2")
+def moco_v2(
+    *,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    jitter_strength: float = 1.0,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    blur_prob: Prob = 0.5,
+    crop_scale_min: float = 0.2,
+) -> Pipeline:
+    """MoCo v2 (Chen et al. 2020, "Improved Baselines"): MoCo's augmentation plus SimCLR's blur.
+
+    The report adds SimCLR's blur but not SimCLR's stronger colour distortion, which it found to give diminishing
+    gains on its baselines: jitter (0.4, 0.4, 0.4, 0.1) at p=0.8, as in the MoCo code's ``aug_plus``. Crops keep
+    at least 20% of the image (scale 0.2-1), as MoCo's. Grayscale p=0.2, blur sigma in [0.1, 2.0] at p=0.5, flip.
+    """
+    blur_first, blur_second = _pair(blur_prob)
+    base = ViewSpec(
+        crop_scale=(crop_scale_min, 1.0),
+        jitter=_scaled((0.4, 0.4, 0.4, 0.1), jitter_strength),
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_kernel_size=blur_kernel_size(image_size),
+    )
+    views = (_with_blur(base, blur_first), _with_blur(base, blur_second))
+    return Pipeline(views, image_size=image_size, mean=mean, std=std)
+
+
+@AUGMENT.register("byol")
+def byol(
+    *,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    jitter_strength: float = 1.0,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    blur_prob: Prob = (1.0, 0.1),
+    solarize_prob: Prob = (0.0, 0.2),
+    crop_scale_min: float = 0.08,
+) -> Pipeline:
+    """BYOL (Grill et al. 2020): SimCLR's augmentations, with blur and solarization applied asymmetrically.
+
+    BYOL's table of image augmentations gives the two views different distributions: the first is always
+    blurred and never solarized, the second blurred with p=0.1 and solarized with p=0.2. Both: random resized
+    crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) at p=0.8, grayscale p=0.2.
+    """
+    blur_first, blur_second = _pair(blur_prob)
+    solarize_first, solarize_second = _pair(solarize_prob)
+    base = ViewSpec(
+        crop_scale=(crop_scale_min, 1.0),
+        jitter=_scaled((0.4, 0.4, 0.2, 0.1), jitter_strength),
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_kernel_size=blur_kernel_size(image_size),
+    )
+    views = (
+        _with_blur(base, blur_first, solarize_first),
+        _with_blur(base, blur_second, solarize_second),
+    )
+    return Pipeline(views, image_size=image_size, mean=mean, std=std)
+
+
+def _with_blur(base: ViewSpec, blur_prob: float, solarize_prob: float = 0.0) -> ViewSpec:
+    return replace(base, blur_prob=blur_prob, solarize_prob=solarize_prob)
