@@ -34,6 +34,11 @@ def _negative_mask(pairs: Pairs) -> Tensor:
     return negatives
 
 
+def mean_over(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds, without boolean indexing (which syncs with the host on CUDA)."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
+
+
 def nce_per_positive(scores: Tensor, pairs: Pairs) -> Tensor:
     """−log(e^{s⁺} / (e^{s⁺} + Σ_neg e^{s⁻})) for every positive pair, each against all of its anchor's negatives.
 
@@ -44,7 +49,7 @@ def nce_per_positive(scores: Tensor, pairs: Pairs) -> Tensor:
     neg_scores = scores.masked_fill(~_negative_mask(pairs), float("-inf"))
     neg_lse = torch.logsumexp(neg_scores, dim=1, keepdim=True)  # M×1, −inf when an anchor has no negatives
     per_pair = torch.logaddexp(scores, neg_lse) - scores
-    return per_pair[pairs.positives].mean()
+    return mean_over(per_pair, pairs.positives)
 
 
 class InfoNCE(Loss):
@@ -84,7 +89,7 @@ class ByolLoss(Loss):
         return None
 
     def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
-        return (2.0 - 2.0 * scores[pairs.positives]).mean()
+        return mean_over(2.0 - 2.0 * scores, pairs.positives)
 
 
 class MocoLoss(InfoNCE):
@@ -113,7 +118,7 @@ class TripletLoss(Loss):
     def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
         hardest = scores.masked_fill(~_negative_mask(pairs), float("-inf")).amax(dim=1, keepdim=True)
         per_pair = torch.relu(self.margin - scores + hardest)
-        return per_pair[pairs.positives & torch.isfinite(hardest)].mean()
+        return mean_over(per_pair, pairs.positives & torch.isfinite(hardest))
 
 
 @LOSS.register("infonce")

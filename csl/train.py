@@ -121,8 +121,10 @@ class Run:
         if self.model.target is not None:
             self.model.update_target(target_momentum(self.config, self.step / max(1, self.total_steps)))
         if self.config["probe"]:
-            labelled = labels >= 0
-            probe_loss = F.cross_entropy(self.probe(vectors.detach().float()[labelled]), labels[labelled])
+            # Unlabelled images (label −1, STL-10's unlabeled split) are ignored by masking, not by indexing,
+            # which would synchronise with the host.
+            per_image = F.cross_entropy(self.probe(vectors.detach().float()), labels, ignore_index=-1, reduction="none")
+            probe_loss = per_image.sum() / (labels >= 0).sum().clamp(min=1)
             self.probe_optimizer.zero_grad(set_to_none=True)
             probe_loss.backward()
             self.probe_optimizer.step()
