@@ -122,6 +122,41 @@ def _amdim_spec(
     )
 
 
+def _crop_pipeline(
+    jitter: tuple[float, float, float, float],
+    *,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    jitter_strength: float,
+    jitter_prob: float,
+    grayscale_prob: float,
+    crop_scale_min: float,
+    blur_prob: Prob,
+    solarize_prob: Prob = 0.0,
+) -> Pipeline:
+    """The SimCLR family (SimCLR, MoCo v2, BYOL): random resized crop, flip, colour jitter, grayscale, blur.
+
+    The papers differ in the jitter strengths (``jitter``, scaled by jitter_strength), their defaults, and whether
+    blur and solarize differ between the two views (a pair of probabilities gives one per view); the rest is one
+    recipe, so it is written once here and each builder passes what its paper sets.
+    """
+    blur_first, blur_second = _pair(blur_prob)
+    solarize_first, solarize_second = _pair(solarize_prob)
+    base = ViewSpec(
+        crop_scale=(crop_scale_min, 1.0),
+        jitter=_scaled(jitter, jitter_strength),
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_kernel_size=blur_kernel_size(image_size),
+    )
+    views = (
+        replace(base, blur_prob=blur_first, solarize_prob=solarize_first),
+        replace(base, blur_prob=blur_second, solarize_prob=solarize_second),
+    )
+    return Pipeline(views, image_size=image_size, mean=mean, std=std)
+
+
 @AUGMENT.register("amdim")
 def amdim(
     *,
@@ -223,16 +258,10 @@ def simclr(
     at p=0.8 with s = jitter_strength, grayscale at p=0.2). Blur at p=0.5, sigma in [0.1, 2.0], kernel 10% of the
     side (the paper drops it on CIFAR; pass blur_prob=0 for that).
     """
-    blur_first, blur_second = _pair(blur_prob)
-    base = ViewSpec(
-        crop_scale=(crop_scale_min, 1.0),
-        jitter=_scaled((0.8, 0.8, 0.8, 0.2), jitter_strength),
-        jitter_prob=jitter_prob,
-        grayscale_prob=grayscale_prob,
-        blur_kernel_size=blur_kernel_size(image_size),
+    return _crop_pipeline(
+        (0.8, 0.8, 0.8, 0.2), image_size=image_size, mean=mean, std=std, jitter_strength=jitter_strength,
+        jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, crop_scale_min=crop_scale_min, blur_prob=blur_prob,
     )
-    views = (_with_blur(base, blur_first), _with_blur(base, blur_second))
-    return Pipeline(views, image_size=image_size, mean=mean, std=std)
 
 
 @AUGMENT.register("moco_v2")
@@ -253,16 +282,10 @@ def moco_v2(
     gains on its baselines: jitter (0.4, 0.4, 0.4, 0.1) at p=0.8, as in the MoCo code's ``aug_plus``. Crops keep
     at least 20% of the image (scale 0.2-1), as MoCo's. Grayscale p=0.2, blur sigma in [0.1, 2.0] at p=0.5, flip.
     """
-    blur_first, blur_second = _pair(blur_prob)
-    base = ViewSpec(
-        crop_scale=(crop_scale_min, 1.0),
-        jitter=_scaled((0.4, 0.4, 0.4, 0.1), jitter_strength),
-        jitter_prob=jitter_prob,
-        grayscale_prob=grayscale_prob,
-        blur_kernel_size=blur_kernel_size(image_size),
+    return _crop_pipeline(
+        (0.4, 0.4, 0.4, 0.1), image_size=image_size, mean=mean, std=std, jitter_strength=jitter_strength,
+        jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, crop_scale_min=crop_scale_min, blur_prob=blur_prob,
     )
-    views = (_with_blur(base, blur_first), _with_blur(base, blur_second))
-    return Pipeline(views, image_size=image_size, mean=mean, std=std)
 
 
 @AUGMENT.register("byol")
@@ -284,21 +307,8 @@ def byol(
     blurred and never solarized, the second blurred with p=0.1 and solarized with p=0.2. Both: random resized
     crop, flip, colour jitter (0.4, 0.4, 0.2, 0.1) at p=0.8, grayscale p=0.2.
     """
-    blur_first, blur_second = _pair(blur_prob)
-    solarize_first, solarize_second = _pair(solarize_prob)
-    base = ViewSpec(
-        crop_scale=(crop_scale_min, 1.0),
-        jitter=_scaled((0.4, 0.4, 0.2, 0.1), jitter_strength),
-        jitter_prob=jitter_prob,
-        grayscale_prob=grayscale_prob,
-        blur_kernel_size=blur_kernel_size(image_size),
+    return _crop_pipeline(
+        (0.4, 0.4, 0.2, 0.1), image_size=image_size, mean=mean, std=std, jitter_strength=jitter_strength,
+        jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, crop_scale_min=crop_scale_min, blur_prob=blur_prob,
+        solarize_prob=solarize_prob,
     )
-    views = (
-        _with_blur(base, blur_first, solarize_first),
-        _with_blur(base, blur_second, solarize_second),
-    )
-    return Pipeline(views, image_size=image_size, mean=mean, std=std)
-
-
-def _with_blur(base: ViewSpec, blur_prob: float, solarize_prob: float = 0.0) -> ViewSpec:
-    return replace(base, blur_prob=blur_prob, solarize_prob=solarize_prob)
