@@ -5,7 +5,8 @@
 - ``rediscover_yadim``      an early-stopped search over the whole space, then its top combinations and the six
                             presets re-evaluated across encoders and extractions, ranked by robustness;
 - ``report``                ``csl-search report <experiment or parent run>``: Markdown + plots, logged to MLflow;
-- ``stats``                 bootstrap intervals over seeds, ranking with ties, Spearman rank correlation.
+- ``stats``                 bootstrap intervals over seeds, ranking with ties, Spearman rank correlation;
+- ``common`` / ``spaces``   what the studies share: scales, the study run in MLflow / the generated grid spaces.
 
 Run a study: ``python -m experiments.encoder_robustness --scale smoke``.
 """

@@ -1,5 +1,6 @@
-"""What the three studies share: scales, generated space files, probing for refused combinations, running the
-searches (``search.run.run_search``, the function ``csl-search run`` calls) under one MLflow study run.
+"""What the three studies share: scales, the command line, running the searches (``search.run.run_search``, the
+function ``csl-search run`` calls) under one MLflow study run. The generated space files, and the probing that
+keeps refused combinations out of them, are in ``experiments.spaces``.
 
 Layout of one study (``--storage runs`` by default)::
 
@@ -20,15 +21,14 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("amdim", "cpc_v2", "simclr", "byol", "moco_v2", "yadim")
+ASPECTS = ("augment", "encoder", "extract", "similarity", "loss")  # the five aspects of a design
 STUDY_TAG = "csl.study"
 STAGE_TAG = "csl.stage"
 PARENT_TAG = "mlflow.parentRunId"
@@ -162,82 +162,6 @@ def scale_from_args(args: argparse.Namespace) -> Scale:
     return replace(scale, **changes) if changes else scale
 
 
-# ------------------------------------------------------------------------------------------------ spaces
-
-
-def write_space(path: Path, space: Mapping[str, Any], header: str = "") -> Path:
-    """Write a generated space file (a comment header, then the YAML) and check it loads."""
-    from search.space import load_space
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.strip().splitlines())
-    body = yaml.safe_dump(_plain(space), sort_keys=False, default_flow_style=None, width=120, allow_unicode=True)
-    path.write_text(comment + body, encoding="utf-8")
-    load_space(path)
-    return path
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def image_size_of(data: str) -> int:
-    return 96 if str(data).startswith("stl10") else 32
-
-
-def probe(config: Mapping[str, Any]) -> str | None:
-    """Build the model of ``config`` at 1/16 width; the reason it is refused (``CombinationError``), else None.
-
-    Which combinations can train is a matter of structure (feature maps, patch grids, score bounds), not of
-    width, so the tiny build answers for every scale in well under a second.
-    """
-    from csl.config import resolve
-    from csl.model import CombinationError, build_model
-
-    resolved = resolve({**config, "width": 1 / 16})
-    try:
-        build_model(resolved, image_size=image_size_of(resolved["data"]), mean=(0.5, 0.5, 0.5),
-                    std=(0.25, 0.25, 0.25))
-    except CombinationError as exc:
-        return str(exc)
-    return None
-
-
-ASPECTS = ("augment", "encoder", "extract", "similarity", "loss")
-
-
-def refusals(space_path: Path, cell_keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Every cell (the values of ``cell_keys``: the grid without its seeds) of a grid space that
-    ``csl.model.build_model`` refuses, with the effective aspects (for a constraint) and the reason."""
-    from search.space import load_space
-
-    space = load_space(space_path)
-    seen: set[str] = set()
-    refused = []
-    for params in space.grid():
-        cell = {k: space.variant_of(params) if k == "variant" else params.get(k) for k in cell_keys}
-        key = json.dumps(cell, sort_keys=True, default=str)
-        if key in seen:
-            continue
-        seen.add(key)
-        config = space.trial_config(params)
-        reason = probe(config)
-        if reason is not None:
-            effective = space.effective(params)
-            match = {k: effective.get(k) for k in ("method", *ASPECTS)}
-            refused.append({"cell": cell, "match": match, "reason": reason})
-    return refused
-
-
-def refusal_constraints(refused: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``forbid`` constraints that keep the refused cells out of the grid (matched on method + the five aspects)."""
-    return [{"forbid": dict(r["match"]), "reason": f"refused by csl.model.build_model: {r['reason']}"} for r in refused]
-
-
 # ------------------------------------------------------------------------------------------------ runs
 
 
@@ -359,22 +283,28 @@ def run_study(name: str, args: argparse.Namespace, scale: Scale, design: Mapping
     return 0
 
 
-def grid_space(name: str, description: str, scale: Scale, params: Mapping[str, Any], *,
-               constraints: Sequence[Mapping[str, Any]] = (), fixed: Mapping[str, Any] | None = None,
-               base: Mapping[str, Any] | None = None, variants: Sequence[Mapping[str, Any]] | None = None,
-               epochs: int | None = None) -> dict[str, Any]:
-    """A space for a grid run at ``scale``: no early stopping (FIFO); the grace period is only for the check."""
-    epochs = epochs or scale.epochs
-    space: dict[str, Any] = {
-        "name": name, "description": description, "metric": "knn_acc", "mode": "max",
-        "budget": {"epochs": epochs, "grace_period": min(scale.grace_period, epochs)},
-        "fixed": dict(fixed if fixed is not None else scale.trial_fixed()),
+def run_grid_study(name: str, args: argparse.Namespace, scale: Scale, design: Mapping[str, Any],
+                   write_grid: Callable[[Scale, Path], tuple[Path, list[dict[str, Any]]]]) -> int:
+    """A one-stage study (stage ``grid``, grid searcher, FIFO): ``write_grid(scale, folder)`` writes the space and
+    returns the refused cells, which go into the design as not applicable before the grid runs."""
+
+    def body(study: Study) -> None:
+        path, refused = write_grid(scale, study.folder)
+        study.design["not_applicable"] = [{"cell": r["cell"], "reason": r["reason"]} for r in refused]
+        study.save_design()
+        study.run_stage("grid", path, scheduler="fifo", searcher="grid")
+
+    return run_study(name, args, scale, design, body)
+
+
+def grid_design(title: str, condition: str, scale: Scale, **extra: Any) -> dict[str, Any]:
+    """The design (``study.json``) of a one-stage robustness study: the method presets ranked over ``condition``
+    at the scale's fixed budget; ``extra`` (what varies, the seeds, the fixed config) follows ``methods``."""
+    return {
+        "kind": "robustness",
+        "title": title,
+        "metric": "knn_acc", "mode": "max",
+        "stages": {"grid": {"role": "robustness", "combination": "method", "conditions": [condition],
+                            "scheduler": "fifo", "epochs": scale.epochs, "grace_period": scale.grace_period}},
+        "methods": list(METHODS), **extra,
     }
-    if base:
-        space["base"] = dict(base)
-    if variants:
-        space["variants"] = [dict(v) for v in variants]
-    space["params"] = dict(params)
-    if constraints:
-        space["constraints"] = [dict(c) for c in constraints]
-    return space

@@ -24,18 +24,8 @@ from typing import Any
 
 import yaml
 
-from experiments.common import (
-    METHODS,
-    REPO,
-    YADIM_PUBLISHED,
-    grid_space,
-    parser,
-    refusal_constraints,
-    refusals,
-    run_study,
-    scale_from_args,
-    write_space,
-)
+from experiments.common import METHODS, REPO, YADIM_PUBLISHED, parser, run_study, scale_from_args
+from experiments.spaces import grid_space, write_grid_space, write_space
 
 STUDY = "rediscover_yadim"
 PAPER_SPACE = REPO / "spaces" / "paper.yaml"
@@ -130,11 +120,8 @@ def write_stage_b(scale: Any, found: Sequence[Mapping[str, Any]], folder: Path
               f"{len(scale.seeds)} seeds, minus refused cells; grid searcher, FIFO scheduler.")
     path = folder / "b.yaml"
     kwargs = {"base": {"method": "yadim"}, "variants": variants, "fixed": fixed}
-    write_space(path, grid_space(f"{STUDY}-b-{scale.name}", description, scale, params, **kwargs), header)
-    refused = refusals(path, ["variant", "encoder", "extract"])
-    if refused:
-        write_space(path, grid_space(f"{STUDY}-b-{scale.name}", description, scale, params,
-                                     constraints=refusal_constraints(refused), **kwargs), header)
+    refused = write_grid_space(path, header, ["variant", "encoder", "extract"], lambda constraints: grid_space(
+        f"{STUDY}-b-{scale.name}", description, scale, params, constraints=constraints, **kwargs))
     return path, refused, labels, descriptions
 
 
