@@ -83,7 +83,9 @@ class Run:
         self.pipeline, self.model = build_model(cfg, image_size=image_size(self.train_data), mean=mean, std=std)
         self.on_cuda = self.device.type == "cuda"
         self.autocast = bool(cfg["amp"]) and self.on_cuda
-        self.channels_last = bool(cfg["channels_last"]) and self.on_cuda
+        # channels_last pays on the CPU too (oneDNN's NHWC convolutions: 1.5x per step measured here at width 1/4);
+        # bf16 autocast stays CUDA-only, as CPU bf16 kernels are built slowly on first use and vary by processor.
+        self.channels_last = bool(cfg["channels_last"])
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
