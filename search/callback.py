@@ -170,8 +170,11 @@ class MlflowTrialCallback(Callback):
 
     def _end(self, trial: Any, status: str, reason: str | None = None, full_error: str | None = None) -> None:
         run_id = self._run_id(trial, reopen=False)
-        if self._final.get(trial.trial_id) == status:
-            return  # recorded by an earlier driver; its end time stays
+        if trial.trial_id in self._final:
+            # Ended before an earlier driver died and never trained again (search.trainable only repeats its last
+            # result, which Tune may classify differently, e.g. a diverged trial's replay as finished): the
+            # earlier record, end time included, stands.
+            return
         last = trial.last_result or {}
         self.client.set_tag(run_id, STATUS_TAG, status)
         self.client.set_tag(run_id, "csl.epochs_run", str(int(last.get("epoch") or 0)))
