@@ -328,7 +328,7 @@ class LightlyTrainer:
 
     Per step: two views from the DataLoader to the device, ``z0 = model(x0)``, ``z1 = model(x1)``,
     ``NTXentLoss(z0, z1)``, backward, Adam step. ``autocast`` (bf16) and ``channels_last`` are whatever our
-    trainer uses (``run.autocast``, ``run.channels_last``: both on CUDA, neither on the CPU), and Adam is fused
+    trainer uses (``run.autocast``: on CUDA only; ``run.channels_last``: on by default everywhere), and Adam is fused
     where ours is (CUDA), so the networks do the same arithmetic and the comparison is of the pipelines.
     """
 
@@ -376,7 +376,8 @@ class LightlyTrainer:
 
 
 def cpu_overrides(run: Any, *, channels_last: bool, bf16: bool) -> list[str]:
-    """Experiment: turn on for a CPU run what ``csl.train.Run`` enables on CUDA only (channels_last, bf16 autocast).
+    """Experiment: turn on for a CPU run what a config may leave off (channels_last) or ``csl.train.Run`` enables on CUDA
+    only (bf16 autocast).
 
     Sets the same attributes ``Run.__init__`` sets, on this instance; nothing in ``csl`` changes. Returns what
     was changed, for the printout.

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_peer.py                                  # CPU default: width 0.25
     .venv/bin/python benchmarks/bench_peer.py --width 0.25 --repeats 5         # the CPU target (>= 1.5x)
-    .venv/bin/python benchmarks/bench_peer.py --width 0.25 --channels-last --bf16   # CPU, trainer's CUDA settings
+    .venv/bin/python benchmarks/bench_peer.py --width 0.25 --bf16   # CPU, with the trainer's CUDA bf16 setting
     .venv/bin/python benchmarks/bench_peer.py --device cuda --width 1 --steps 20 --warmup 5   # GPU target (>= 3x)
 
 Needs lightly (``pip install -e '.[bench]'``). Both sides train SimCLR on the same first ``--limit`` images of the
@@ -21,8 +21,9 @@ What differs is the data path, and how the views pass through the network. Ours:
 held on the device (batched per-sample augmentation on the device, both views in one forward pass, plus our online
 linear probe). lightly: its ``SimCLRTransform`` applied per PIL image in a ``DataLoader`` with ``--workers``
 workers, two forward passes (``model(x0)``, ``model(x1)``), ``NTXentLoss``; on CUDA with our trainer's bf16
-autocast, channels_last and fused Adam (``--channels-last`` / ``--bf16`` switch those on for both sides on the CPU,
-an experiment: our trainer enables them on CUDA only). On this 2-core CPU one pass over 2N images costs 15-30% more
+autocast, channels_last and fused Adam; on the CPU both sides use our trainer's channels_last (on by default), and
+``--bf16`` switches bf16 autocast on for both (an experiment: our trainer enables it on CUDA only). On this 2-core
+CPU one pass over 2N images costs 15-30% more
 per image than two passes over N (fp32; about 2x in bf16), a network effect, not a data-path one. Each block is
 ``--warmup`` untimed steps then ``--steps`` timed ones, the same for both sides (each side's first block has
 ``--initial-warmup`` more); blocks alternate ``--repeats`` times and the figures are medians, with the ratio of each
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--channels-last", action="store_true",
-                        help="CPU experiment: channels_last for both networks (our trainer uses it on CUDA only)")
+                        help="channels_last for both networks (our trainer's default on every device)")
     parser.add_argument("--bf16", action="store_true",
                         help="CPU experiment: bf16 autocast for both networks (our trainer uses it on CUDA only)")
     args = parser.parse_args()
