@@ -444,3 +444,21 @@ def run_block(run: Any, batches: Iterator[tuple[Tensor, Tensor]]) -> Block:
         return timed(run.device, go)
 
     return block
+
+
+def ours_and_lightly(config: dict[str, Any], train: Any, test: Any, args: Any, width: float, device: torch.device
+                     ) -> tuple[Any, list[str], Any, Any]:
+    """Our ``Run`` and lightly's documented SimCLR set up alike: same network weights, settings and data.
+
+    Returns (ours, the CPU experiment settings switched on, lightly's trainer, lightly's DataLoader).
+    """
+    from csl.train import Run
+
+    ours = Run(config, data=(train, test))
+    changed = cpu_overrides(ours, channels_last=args.channels_last, bf16=args.bf16)
+    torch.manual_seed(args.seed)
+    peer = LightlyTrainer.like(ours, width, lr=args.lr, temperature=args.temperature)
+    mean, std = ours.train_data.mean_std()
+    loader = lightly_loader(train, mean=mean, std=std, blur=args.blur, batch_size=args.batch_size,
+                            workers=args.workers, device=device, seed=args.seed)
+    return ours, changed, peer, loader

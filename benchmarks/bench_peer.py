@@ -37,15 +37,13 @@ import argparse
 # isort: off
 # _common first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 from _common import (
-    LightlyTrainer,
     add_common_args,
-    cpu_overrides,
     cycle_batches,
     default_width,
     describe_machine,
     interleave,
-    lightly_loader,
     load_pair,
+    ours_and_lightly,
     loader_block,
     median,
     paired_ratios,
@@ -56,10 +54,8 @@ from _common import (
     simclr_config,
     spread,
 )
-import torch
 
 # isort: on
-from csl.train import Run
 
 
 def main() -> None:
@@ -91,13 +87,7 @@ def main() -> None:
     config = simclr_config(width=width, batch_size=args.batch_size, device=device, seed=args.seed, blur=args.blur,
                            lr=args.lr, temperature=args.temperature, data=args.data)
 
-    ours = Run(config, data=(train, test))
-    changed = cpu_overrides(ours, channels_last=args.channels_last, bf16=args.bf16)
-    torch.manual_seed(args.seed)
-    peer = LightlyTrainer.like(ours, width, lr=args.lr, temperature=args.temperature)
-    mean, std = ours.train_data.mean_std()
-    loader = lightly_loader(train, mean=mean, std=std, blur=args.blur, batch_size=args.batch_size,
-                            workers=args.workers, device=device, seed=args.seed)
+    ours, changed, peer, loader = ours_and_lightly(config, train, test, args, width, device)
 
     print(f"SimCLR training step, ours vs lightly {__import__('lightly').__version__}: {describe_machine(device)}")
     print(f"  {resnet18_summary(width)}; head {ours.model.extract.head.net[0].in_features}->"

@@ -33,11 +33,10 @@ from _common import (
     LightlyTrainer,
     add_common_args,
     close_iterator,
-    cpu_overrides,
     default_width,
     describe_machine,
-    lightly_loader,
     load_pair,
+    ours_and_lightly,
     resnet18_summary,
     setup,
     simclr_config,
@@ -48,7 +47,6 @@ import torch
 # isort: on
 from csl.evaluate import extract_features, knn_accuracy
 from csl.optim import lr_factor
-from csl.train import Run
 
 
 def lightly_epoch(peer: LightlyTrainer, loader: torch.utils.data.DataLoader, first_step: int, total_steps: int
@@ -93,13 +91,7 @@ def main() -> None:
     config = simclr_config(width=width, batch_size=args.batch_size, device=device, seed=args.seed, blur=args.blur,
                            lr=args.lr, temperature=args.temperature, epochs=args.epochs, data=args.data)
     config.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature)
-    ours = Run(config, data=(train, test))
-    changed = cpu_overrides(ours, channels_last=args.channels_last, bf16=args.bf16)
-    torch.manual_seed(args.seed)
-    peer = LightlyTrainer.like(ours, width, lr=args.lr, temperature=args.temperature)
-    mean, std = ours.train_data.mean_std()
-    loader = lightly_loader(train, mean=mean, std=std, blur=args.blur, batch_size=args.batch_size,
-                            workers=args.workers, device=device, seed=args.seed)
+    ours, changed, peer, loader = ours_and_lightly(config, train, test, args, width, device)
     if len(loader) != ours.steps_per_epoch:
         raise RuntimeError(f"steps per epoch differ: ours {ours.steps_per_epoch}, lightly {len(loader)}")
 
