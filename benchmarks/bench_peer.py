@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_peer.py --width 0.25 --repeats 5         # the CPU target (>= 1.5x)
     .venv/bin/python benchmarks/bench_peer.py --width 0.25 --bf16   # CPU, with the trainer's CUDA bf16 setting
     .venv/bin/python benchmarks/bench_peer.py --device cuda --width 1 --steps 20 --warmup 5   # GPU target (>= 3x)
+    .venv/bin/python benchmarks/bench_peer.py --device cuda --steps 20 --warmup 5 --compile  # ours compiled
 
 Needs lightly (``pip install -e '.[bench]'``). Both sides train SimCLR on the same first ``--limit`` images of the
 shared CIFAR-10 parquet (decoded once, not timed), 32x32, batch ``--batch-size``, with
@@ -78,6 +79,8 @@ def main() -> None:
                         help="channels_last for both networks (our trainer's default on every device)")
     parser.add_argument("--bf16", action="store_true",
                         help="CPU experiment: bf16 autocast for both networks (our trainer uses it on CUDA only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="our trainer's compile option (model and augmentation); lightly's side stays as documented")
     args = parser.parse_args()
 
     device = setup(args)
@@ -86,6 +89,7 @@ def main() -> None:
     train, test = load_pair(args.data, limit, 256)
     config = simclr_config(width=width, batch_size=args.batch_size, device=device, seed=args.seed, blur=args.blur,
                            lr=args.lr, temperature=args.temperature, data=args.data)
+    config["compile"] = args.compile
 
     ours, changed, peer, loader = ours_and_lightly(config, train, test, args, width, device)
 
@@ -94,7 +98,8 @@ def main() -> None:
           f"{config['proj_hidden']}->{config['proj_dim']}")
     print(f"  {len(train)} images 32x32, batch {args.batch_size}, blur p={args.blur}, Adam lr {args.lr}, "
           f"tau {args.temperature}; lightly: {args.workers} DataLoader workers")
-    print(f"  network settings (both sides): bf16 autocast {ours.autocast}, channels_last {ours.channels_last}"
+    print(f"  network settings (both sides): bf16 autocast {ours.autocast}, channels_last {ours.channels_last}; "
+          f"ours compiled {args.compile}"
           + (f" (CPU experiment: {', '.join(changed)} switched on)" if changed else ""))
     print(f"  blocks of {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} per side, alternating "
           f"(+{args.initial_warmup} warm-up steps in each side's first block)")

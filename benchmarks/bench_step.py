@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_step.py --repeats 5 --threads 1
     .venv/bin/python benchmarks/bench_step.py --device cuda --width 1 --steps 50 --warmup 10   # target >= 0.8
     .venv/bin/python benchmarks/bench_step.py --profile                 # where the time of one step goes
+    .venv/bin/python benchmarks/bench_step.py --device cuda --compile   # the model and augmentation compiled
 
 Both sides call ``run.train_step`` of one ``csl.train.Run`` (``--method``, default simclr, with a ResNet-18 at
 ``--width``, batch ``--batch-size``) on the first ``--limit`` images of the shared CIFAR-10 parquet:
@@ -230,13 +231,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile end-to-end steps instead of the comparison")
     parser.add_argument("--channels-last", action="store_true", help="CPU experiment: as our trainer does on CUDA")
     parser.add_argument("--bf16", action="store_true", help="CPU experiment: bf16 autocast, as on CUDA")
+    parser.add_argument("--compile", action="store_true",
+                        help="the trainer's compile option: torch.compile the model and the augmentation")
     args = parser.parse_args()
 
     device = setup(args)
     width = default_width(args.width, device)
     train, test = load_pair(args.data, max(args.limit, args.batch_size), 256)
     config = {"method": args.method, "encoder": args.encoder, "width": width, "batch_size": args.batch_size,
-              "device": str(device), "seed": args.seed, "data": args.data}
+              "device": str(device), "seed": args.seed, "data": args.data, "compile": args.compile}
     run = Run(config, data=(train, test))
     changed = cpu_overrides(run, channels_last=args.channels_last, bf16=args.bf16)
     batches = cycle_batches(run.train_data, args.batch_size, run.generator)
@@ -244,7 +247,7 @@ def main() -> None:
     encoder = resnet18_summary(width) if args.encoder == "resnet18" else f"{args.encoder} width x{width:g}"
     print(f"{args.method} training step, end to end vs model only: {describe_machine(device)}")
     print(f"  {encoder}; batch {args.batch_size}, {len(train)} images 32x32; bf16 autocast {run.autocast}, "
-          f"channels_last {run.channels_last}" + (f" (CPU experiment: {', '.join(changed)})" if changed else ""))
+          f"channels_last {run.channels_last}, compile {args.compile}" + (f" (CPU experiment: {', '.join(changed)})" if changed else ""))
 
     if args.profile:
         profile_steps(run, batches, args.warmup + args.initial_warmup, args.steps)

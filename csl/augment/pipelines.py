@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from csl.augment import ops
-from csl.augment.views import ViewSpec, augment_views
+from csl.augment.views import ApplyViews, ViewSpec, apply_views, augment_views
 from csl.registry import AUGMENT
 
 Prob = float | tuple[float, float]
@@ -55,11 +55,20 @@ class Pipeline:
         self.patch_stride = patch_stride or patch_size
         self.patches = patch_size is not None
         self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._apply: ApplyViews = apply_views
+
+    def compile(self) -> None:
+        """Apply the drawn views through ``torch.compile``: the many small per-pixel ops fuse into a few kernels.
+
+        The random draws stay eager (they use the run's generator, which compiled code does not take), so the
+        views are the same as uncompiled ones up to floating-point reassociation.
+        """
+        self._apply = torch.compile(apply_views, dynamic=False)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Two views of uint8 (0-255) or float (0-1) images N×3×H×W; the generator must be on their device."""
         mean, std = self._mean_std(images.device)
-        views = augment_views(images, self.views, self.image_size, generator, mean, std)
+        views = augment_views(images, self.views, self.image_size, generator, mean, std, self._apply)
         first, second = self._patchify(views).chunk(2)
         return first, second
 

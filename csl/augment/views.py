@@ -17,7 +17,7 @@ views × samples, each sample with its own view's probability: half the kernel l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -181,6 +181,10 @@ def _parts(n: int, size: int, device: torch.device) -> list[slice]:
     return [slice(start, start + block) for start in range(0, n, block)]
 
 
+# apply_views' signature: images, copies, params, spec, size, mean, std -> views
+ApplyViews = Callable[[Tensor, int, ViewParams, ViewSpec, int, Tensor | None, Tensor | None], Tensor]
+
+
 def augment_views(
     images: Tensor,
     specs: Sequence[ViewSpec],
@@ -188,21 +192,36 @@ def augment_views(
     generator: torch.Generator,
     mean: Tensor | None = None,
     std: Tensor | None = None,
+    apply: ApplyViews | None = None,
 ) -> Tensor:
     """Every view of every sample: (views × N)×3×size×size float32, view-major, parameters drawn per sample.
 
     images: uint8 (0-255) or float (0-1) N×3×H×W; the generator must be on their device. In [0, 1], or
-    normalised with mean and std when they are given.
+    normalised with mean and std when they are given. ``apply`` replaces ``apply_views`` (a compiled copy of it).
     """
+    apply = apply or apply_views
     if len({_structure(spec) for spec in specs}) > 1:
-        return torch.cat([augment_views(images, [spec], size, generator, mean, std) for spec in specs])
+        return torch.cat([augment_views(images, [spec], size, generator, mean, std, apply) for spec in specs])
     n, _, height, width = images.shape
-    batch = images.repeat(len(specs), 1, 1, 1)  # a copy even for one view: ops may then work in place
     joint = _joint(specs, n, images.device)
-    params = draw_view_params(len(batch), height, width, joint, generator)
+    params = draw_view_params(n * len(specs), height, width, joint, generator)
+    return apply(images, len(specs), params, joint.spec, size, mean, std)
+
+
+def apply_views(
+    images: Tensor, copies: int, params: ViewParams, spec: ViewSpec, size: int, mean: Tensor | None,
+    std: Tensor | None,
+) -> Tensor:
+    """``copies`` views of every image as params describe them, view-major.
+
+    Draws nothing: the random part is done, so this is a pure function of tensors that ``torch.compile`` can fuse
+    into a few kernels (on a GPU the op-by-op version is bound by the host launching hundreds of small kernels).
+    """
+    batch = images.repeat(copies, 1, 1, 1)  # a copy even for one view: ops may then work in place
+    height, width = images.shape[-2:]
     out = torch.empty(len(batch), 3, size, size, device=images.device)
     for part in _parts(len(batch), max(size, height, width), images.device):
-        views = apply_view(batch[part], params.select(part), joint.spec, size)
+        views = apply_view(batch[part], params.select(part), spec, size)
         if mean is not None and std is not None:
             ops.normalize(views, mean, std, out=out[part])
         else:
