@@ -101,6 +101,8 @@ class Run:
         self.epoch = 0
         self.step = 0
         self.forward = torch.compile(self.model) if cfg["compile"] else self.model
+        if cfg["compile"]:
+            self.pipeline.compile()
         self.last_eval: dict[str, float] = {}
 
     def _set_lr(self) -> None:
@@ -174,6 +176,8 @@ class Run:
             "probe_optimizer": self.probe_optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            # the device's default generator: what draws without the run's generator use (AMDIM's anchor picks)
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.on_cuda else None,
             "epoch": self.epoch,
             "step": self.step,
             "last_eval": dict(self.last_eval),
@@ -185,8 +189,12 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.probe.load_state_dict(state["probe"])
         self.probe_optimizer.load_state_dict(state["probe_optimizer"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        # RNG states are CPU byte tensors; torch.load(map_location=cuda) moves them to the GPU, where set_state
+        # refuses them
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if self.on_cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.last_eval = dict(state["last_eval"])
