@@ -1,4 +1,4 @@
-"""Aspect 5, loss: scores M×K and the positives mask → a scalar.
+"""Aspect 5, loss: scores M×K and the positives (a mask, or one column per anchor) → a scalar.
 
 A loss is an ``nn.Module`` called as ``loss(scores, pairs)``. It may declare what it needs from the rest of the
 model, checked when the model is built (``csl.model.build_model``), never during training:
@@ -28,7 +28,7 @@ class Loss(nn.Module):
 
 
 def _negative_mask(pairs: Pairs) -> Tensor:
-    negatives = ~pairs.positives
+    negatives = ~pairs.positive_mask()
     if pairs.exclude is not None:
         negatives = negatives & ~pairs.exclude
     return negatives
@@ -49,7 +49,7 @@ def nce_per_positive(scores: Tensor, pairs: Pairs) -> Tensor:
     neg_scores = scores.masked_fill(~_negative_mask(pairs), float("-inf"))
     neg_lse = torch.logsumexp(neg_scores, dim=1, keepdim=True)  # M×1, −inf when an anchor has no negatives
     per_pair = torch.logaddexp(scores, neg_lse) - scores
-    return mean_over(per_pair, pairs.positives)
+    return mean_over(per_pair, pairs.positive_mask())
 
 
 class InfoNCE(Loss):
@@ -89,7 +89,7 @@ class ByolLoss(Loss):
         return None
 
     def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
-        return mean_over(2.0 - 2.0 * scores, pairs.positives)
+        return mean_over(2.0 - 2.0 * scores, pairs.positive_mask())
 
 
 class MocoLoss(InfoNCE):
@@ -118,7 +118,7 @@ class TripletLoss(Loss):
     def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
         hardest = scores.masked_fill(~_negative_mask(pairs), float("-inf")).amax(dim=1, keepdim=True)
         per_pair = torch.relu(self.margin - scores + hardest)
-        return mean_over(per_pair, pairs.positives & torch.isfinite(hardest))
+        return mean_over(per_pair, pairs.positive_mask() & torch.isfinite(hardest))
 
 
 @LOSS.register("infonce")

@@ -153,6 +153,21 @@ def test_triplet_hardest_negative() -> None:
     assert float(ours) == pytest.approx(total / 8, **TOL)
 
 
+def test_positive_mask_from_index() -> None:
+    index = torch.tensor([2, 0, 2])
+    pairs = Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None, None, "x", positive_index=index)
+    expected = [[j == int(index[i]) for j in range(4)] for i in range(3)]
+    assert pairs.positive_mask().tolist() == expected
+    mask = torch.tensor(expected)
+    assert Pairs(torch.zeros(3, 1), torch.zeros(4, 1), mask).positive_mask() is mask
+    with pytest.raises(ValueError, match="exactly one"):
+        Pairs(torch.zeros(3, 1), torch.zeros(4, 1), mask, positive_index=index)
+    with pytest.raises(ValueError, match="exactly one"):
+        Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None)
+    with pytest.raises(ValueError, match="one column per anchor"):
+        Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None, positive_index=index[:2])
+
+
 def test_similarities_by_formula() -> None:
     g = torch.Generator().manual_seed(6)
     a, c = torch.randn(2, 4, generator=g), torch.randn(3, 4, generator=g)
