@@ -20,6 +20,15 @@ from csl.registry import LOSS, SIMILARITY
 from csl.types import Pairs
 
 TOL = {"rel": 1e-5, "abs": 1e-5}
+PATHS = ["index", "mask"]  # positives as positive_index (cross-entropy fast path) or as an M×K mask
+
+
+def on_path(pairs: Pairs, path: str) -> Pairs:
+    """The same comparison with its positives given the way ``path`` names."""
+    if path == "index":
+        assert pairs.positive_index is not None and pairs.positives is None
+        return pairs
+    return Pairs(pairs.anchors, pairs.candidates, pairs.positive_mask(), pairs.exclude, pairs.name)
 
 
 def cos(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -151,6 +160,40 @@ def test_triplet_hardest_negative() -> None:
         hardest = max(cos(z[i], z[k]) for k in range(8) if k not in (i, j))
         total += max(0.0, 0.3 - cos(z[i], z[j]) + hardest)
     assert float(ours) == pytest.approx(total / 8, **TOL)
+
+
+def random_single_positive(m: int, k: int, with_exclude: bool, dtype: torch.dtype, seed: int
+                           ) -> tuple[torch.Tensor, Pairs]:
+    """Scores M×K and index-form pairs; with exclude, ~30% of candidates excluded and anchor 0 left no negative."""
+    g = torch.Generator().manual_seed(seed)
+    scores = 3 * torch.randn(m, k, generator=g, dtype=dtype)
+    index = torch.randint(k, (m,), generator=g)
+    exclude = None
+    if with_exclude:
+        exclude = torch.rand(m, k, generator=g) < 0.3
+        exclude[0] = True
+        exclude[torch.arange(m), index] = False  # a positive is never excluded
+    return scores, Pairs(torch.zeros(m, 1), torch.zeros(k, 1), None, exclude, "random", positive_index=index)
+
+
+def value_and_grad(loss: torch.nn.Module, scores: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = scores.clone().requires_grad_(True)
+    value = loss(scores, pairs)
+    (grad,) = torch.autograd.grad(value, scores)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_exclude", [False, True])
+@pytest.mark.parametrize("name", ["infonce", "amdim_nce", "moco"])
+def test_index_path_equals_mask_path(name: str, with_exclude: bool, dtype: torch.dtype) -> None:
+    """The cross-entropy fast path gives the mask path's value and gradient (amdim_nce: its regulariser too)."""
+    loss = LOSS.build(name)
+    for seed in range(3):
+        scores, pairs = random_single_positive(37, 53, with_exclude, dtype, seed)
+        fast = value_and_grad(loss, scores, pairs)
+        masked = value_and_grad(loss, scores, on_path(pairs, "mask"))
+        torch.testing.assert_close(fast, masked)
 
 
 def test_positive_mask_from_index() -> None:
