@@ -1,4 +1,4 @@
-"""Aspect 5, loss: scores M×K and the positives mask → a scalar.
+"""Aspect 5, loss: scores M×K and the positives (a mask, or one column per anchor) → a scalar.
 
 A loss is an ``nn.Module`` called as ``loss(scores, pairs)``. It may declare what it needs from the rest of the
 model, checked when the model is built (``csl.model.build_model``), never during training:
@@ -12,6 +12,7 @@ To add a loss: write one builder below with ``@LOSS.register("name")``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csl.registry import LOSS
@@ -28,7 +29,7 @@ class Loss(nn.Module):
 
 
 def _negative_mask(pairs: Pairs) -> Tensor:
-    negatives = ~pairs.positives
+    negatives = ~pairs.positive_mask()
     if pairs.exclude is not None:
         negatives = negatives & ~pairs.exclude
     return negatives
@@ -44,12 +45,26 @@ def nce_per_positive(scores: Tensor, pairs: Pairs) -> Tensor:
 
     With one positive per anchor this is NT-Xent / InfoNCE exactly; with several (a global vector against every
     location of the same image) it is AMDIM's NCE. Excluded candidates are masked out of the sum, not subtracted
-    from it (the pl_bolts NT-Xent bug).
+    from it (the pl_bolts NT-Xent bug). Pairs with ``positive_index`` take ``single_positive_nce``, the same value.
     """
+    if pairs.positive_index is not None:
+        return single_positive_nce(scores, pairs.positive_index, pairs.exclude)
     neg_scores = scores.masked_fill(~_negative_mask(pairs), float("-inf"))
     neg_lse = torch.logsumexp(neg_scores, dim=1, keepdim=True)  # M×1, −inf when an anchor has no negatives
     per_pair = torch.logaddexp(scores, neg_lse) - scores
-    return mean_over(per_pair, pairs.positives)
+    return mean_over(per_pair, pairs.positive_mask())
+
+
+def single_positive_nce(scores: Tensor, positive_index: Tensor, exclude: Tensor | None) -> Tensor:
+    """``nce_per_positive`` when each anchor has one positive: cross-entropy with the positive's column as target.
+
+    The positive plus the negatives are every candidate not excluded, so −log softmax over the scores with the
+    excluded ones at −inf is the same loss, and its fused kernel keeps one M×K buffer instead of the several
+    (masks, masked copies, logaddexp) of the mask path. The mean over anchors is the mean over positive pairs.
+    """
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
+    return F.cross_entropy(scores, positive_index)
 
 
 class InfoNCE(Loss):
@@ -89,7 +104,7 @@ class ByolLoss(Loss):
         return None
 
     def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
-        return mean_over(2.0 - 2.0 * scores, pairs.positives)
+        return mean_over(2.0 - 2.0 * scores, pairs.positive_mask())
 
 
 class MocoLoss(InfoNCE):
@@ -118,7 +133,7 @@ class TripletLoss(Loss):
     def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
         hardest = scores.masked_fill(~_negative_mask(pairs), float("-inf")).amax(dim=1, keepdim=True)
         per_pair = torch.relu(self.margin - scores + hardest)
-        return mean_over(per_pair, pairs.positives & torch.isfinite(hardest))
+        return mean_over(per_pair, pairs.positive_mask() & torch.isfinite(hardest))
 
 
 @LOSS.register("infonce")

@@ -59,10 +59,12 @@ class NegativeQueue(nn.Module):
         if queued is None or self.filled[pairs.name] == 0:
             return pairs
         queued = queued[: self.filled[pairs.name]].to(pairs.candidates.device, pairs.candidates.dtype)
-        pad = torch.zeros(pairs.positives.shape[0], queued.shape[0], dtype=torch.bool, device=queued.device)
+        pad = torch.zeros(pairs.anchors.shape[0], queued.shape[0], dtype=torch.bool, device=queued.device)
         exclude = None if pairs.exclude is None else torch.cat([pairs.exclude, pad], dim=1)
-        return Pairs(pairs.anchors, torch.cat([pairs.candidates, queued]), torch.cat([pairs.positives, pad], dim=1),
-                     exclude, pairs.name)
+        positives = None if pairs.positives is None else torch.cat([pairs.positives, pad], dim=1)
+        # Queued keys are appended after the batch's candidates, so a positive's column does not move.
+        return Pairs(pairs.anchors, torch.cat([pairs.candidates, queued]), positives, exclude, pairs.name,
+                     positive_index=pairs.positive_index)
 
     @torch.no_grad()
     def push(self, pairs: Pairs) -> None:

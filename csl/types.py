@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -36,14 +37,36 @@ class Features:
 class Pairs:
     """One comparison: every anchor is scored against every candidate.
 
-    anchors: M×d. candidates: K×d. positives: M×K bool, the candidates that are positives of each anchor
-    (at least one per anchor). exclude: M×K bool or None, candidates that are neither positive nor negative
-    for that anchor (an anchor compared with itself in NT-Xent); losses mask them out, they never subtract them.
+    anchors: M×d. candidates: K×d. The positives of each anchor are given one of two ways, exactly one of them:
+    - positives: M×K bool, the candidates that are positives of each anchor (at least one per anchor); needed when
+      an anchor has several (a global vector against every location of the same image);
+    - positive_index: M int64, the column of each anchor's only positive. Single-positive comparisons (CPC, the
+      two views of SimCLR, MoCo, BYOL) give this instead, so InfoNCE-type losses take a cross-entropy fast path
+      and nothing builds an M×K mask (at CPC's sizes the mask path dominated the loss's memory and time); a loss
+      that needs the mask asks ``positive_mask()``.
+    exclude: M×K bool or None, candidates that are neither positive nor negative for that anchor (an anchor
+    compared with itself in NT-Xent); losses mask them out, they never subtract them. A positive is never excluded.
     name: a label for the comparison (``"1:5"``, ``"k=2"``), used in logs.
     """
 
     anchors: Tensor
     candidates: Tensor
-    positives: Tensor
+    positives: Tensor | None
     exclude: Tensor | None = None
     name: str = ""
+    positive_index: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.positives is None) == (self.positive_index is None):
+            raise ValueError("Pairs needs exactly one of positives (an M×K mask) and positive_index (M columns)")
+        if self.positive_index is not None and self.positive_index.shape != self.anchors.shape[:1]:
+            raise ValueError(f"positive_index must hold one column per anchor ({self.anchors.shape[0]}), "
+                             f"got shape {tuple(self.positive_index.shape)}")
+
+    def positive_mask(self) -> Tensor:
+        """The M×K positives mask, built from ``positive_index`` only when a loss needs the mask."""
+        if self.positives is not None:
+            return self.positives
+        assert self.positive_index is not None
+        columns = torch.arange(self.candidates.shape[0], device=self.positive_index.device)
+        return self.positive_index[:, None] == columns[None, :]

@@ -16,10 +16,19 @@ import csl  # noqa: F401
 from csl.extract.last_vector import two_view_pairs
 from csl.extract.multiscale import same_image_pairs
 from csl.model import NegativeQueue
-from csl.registry import LOSS, SIMILARITY
-from csl.types import Pairs
+from csl.registry import EXTRACT, LOSS, SIMILARITY
+from csl.types import Features, Pairs
 
 TOL = {"rel": 1e-5, "abs": 1e-5}
+PATHS = ["index", "mask"]  # positives as positive_index (cross-entropy fast path) or as an M×K mask
+
+
+def on_path(pairs: Pairs, path: str) -> Pairs:
+    """The same comparison with its positives given the way ``path`` names."""
+    if path == "index":
+        assert pairs.positive_index is not None and pairs.positives is None
+        return pairs
+    return Pairs(pairs.anchors, pairs.candidates, pairs.positive_mask(), pairs.exclude, pairs.name)
 
 
 def cos(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -39,22 +48,24 @@ def nt_xent_reference(za: torch.Tensor, zb: torch.Tensor, tau: float) -> float:
     return total / (2 * n)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("tau", [0.1, 0.5, 1.0])
-def test_infonce_with_cosine_is_nt_xent(tau: float) -> None:
+def test_infonce_with_cosine_is_nt_xent(tau: float, path: str) -> None:
     g = torch.Generator().manual_seed(0)
     za, zb = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
-    pairs = two_view_pairs(za, zb, za, zb, symmetric=True)
+    pairs = on_path(two_view_pairs(za, zb, za, zb, symmetric=True), path)
     scores = SIMILARITY.build("cosine", temperature=tau)(pairs.anchors, pairs.candidates)
     ours = LOSS.build("infonce")(scores, pairs)
     assert float(ours) == pytest.approx(nt_xent_reference(za, zb, tau), **TOL)
 
 
-def test_nt_xent_gradient_masks_self_similarity() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_nt_xent_gradient_masks_self_similarity(path: str) -> None:
     """The self term is masked out, so the gradient equals that of the reference (pl_bolts subtracted it)."""
     g = torch.Generator().manual_seed(1)
     za = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     zb = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    pairs = two_view_pairs(za, zb, za, zb, symmetric=True)
+    pairs = on_path(two_view_pairs(za, zb, za, zb, symmetric=True), path)
     scores = SIMILARITY.build("cosine", temperature=0.5)(pairs.anchors, pairs.candidates).double()
     LOSS.build("infonce")(scores, pairs).backward()
     ours = (za.grad.clone(), zb.grad.clone())
@@ -95,17 +106,19 @@ def test_amdim_nce_global_to_local() -> None:
     assert float(ours) == pytest.approx(reference, **TOL)
 
 
-def test_byol_is_two_minus_two_cosine() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_byol_is_two_minus_two_cosine(path: str) -> None:
     g = torch.Generator().manual_seed(3)
     qa, qb, ka, kb = (torch.randn(4, 8, generator=g) for _ in range(4))
-    pairs = two_view_pairs(qa, qb, ka, kb, symmetric=False)
+    pairs = on_path(two_view_pairs(qa, qb, ka, kb, symmetric=False), path)
     scores = SIMILARITY.build("cosine", temperature=1.0)(pairs.anchors, pairs.candidates)
     ours = LOSS.build("byol")(scores, pairs)
     reference = sum(2 - 2 * cos(qa[i], kb[i]) + 2 - 2 * cos(qb[i], ka[i]) for i in range(4)) / 8
     assert float(ours) == pytest.approx(reference, **TOL)
 
 
-def test_moco_negatives_include_the_queue() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_moco_negatives_include_the_queue(path: str) -> None:
     """MoCo: −log e^{q·k⁺/τ} / (e^{q·k⁺/τ} + Σ_{k⁻} e^{q·k⁻/τ}), k⁻ over the queue and the keys (both views) of the
     other images in the batch; the query's own image's same-view key is excluded."""
     g = torch.Generator().manual_seed(4)
@@ -113,7 +126,7 @@ def test_moco_negatives_include_the_queue() -> None:
     qa, qb, ka, kb = (torch.randn(n, d, generator=g) for _ in range(4))
     past = torch.randn(4, d, generator=g)
     queue = NegativeQueue(size=8)
-    pairs = two_view_pairs(qa, qb, ka, kb, symmetric=False)
+    pairs = on_path(two_view_pairs(qa, qb, ka, kb, symmetric=False), path)
     queue.push(Pairs(past, past, torch.zeros(4, 4, dtype=torch.bool), None, pairs.name))
     extended = queue.extend(pairs)
     scores = SIMILARITY.build("cosine", temperature=tau)(extended.anchors, extended.candidates)
@@ -138,10 +151,11 @@ def test_queue_is_a_ring_buffer() -> None:
     assert queue.filled["x"] == 3
 
 
-def test_triplet_hardest_negative() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_triplet_hardest_negative(path: str) -> None:
     g = torch.Generator().manual_seed(5)
     za, zb = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
-    pairs = two_view_pairs(za, zb, za, zb, symmetric=True)
+    pairs = on_path(two_view_pairs(za, zb, za, zb, symmetric=True), path)
     scores = SIMILARITY.build("cosine", temperature=1.0)(pairs.anchors, pairs.candidates)
     ours = LOSS.build("triplet", margin=0.3)(scores, pairs)
     z = list(za) + list(zb)
@@ -151,6 +165,105 @@ def test_triplet_hardest_negative() -> None:
         hardest = max(cos(z[i], z[k]) for k in range(8) if k not in (i, j))
         total += max(0.0, 0.3 - cos(z[i], z[j]) + hardest)
     assert float(ours) == pytest.approx(total / 8, **TOL)
+
+
+def random_single_positive(m: int, k: int, with_exclude: bool, dtype: torch.dtype, seed: int
+                           ) -> tuple[torch.Tensor, Pairs]:
+    """Scores M×K and index-form pairs; with exclude, ~30% of candidates excluded and anchor 0 left no negative."""
+    g = torch.Generator().manual_seed(seed)
+    scores = 3 * torch.randn(m, k, generator=g, dtype=dtype)
+    index = torch.randint(k, (m,), generator=g)
+    exclude = None
+    if with_exclude:
+        exclude = torch.rand(m, k, generator=g) < 0.3
+        exclude[0] = True
+        exclude[torch.arange(m), index] = False  # a positive is never excluded
+    return scores, Pairs(torch.zeros(m, 1), torch.zeros(k, 1), None, exclude, "random", positive_index=index)
+
+
+def value_and_grad(loss: torch.nn.Module, scores: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = scores.clone().requires_grad_(True)
+    value = loss(scores, pairs)
+    (grad,) = torch.autograd.grad(value, scores)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_exclude", [False, True])
+@pytest.mark.parametrize("name", ["infonce", "amdim_nce", "moco"])
+def test_index_path_equals_mask_path(name: str, with_exclude: bool, dtype: torch.dtype) -> None:
+    """The cross-entropy fast path gives the mask path's value and gradient (amdim_nce: its regulariser too)."""
+    loss = LOSS.build(name)
+    for seed in range(3):
+        scores, pairs = random_single_positive(37, 53, with_exclude, dtype, seed)
+        fast = value_and_grad(loss, scores, pairs)
+        masked = value_and_grad(loss, scores, on_path(pairs, "mask"))
+        torch.testing.assert_close(fast, masked)
+
+
+def test_positive_mask_from_index() -> None:
+    index = torch.tensor([2, 0, 2])
+    pairs = Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None, None, "x", positive_index=index)
+    expected = [[j == int(index[i]) for j in range(4)] for i in range(3)]
+    assert pairs.positive_mask().tolist() == expected
+    mask = torch.tensor(expected)
+    assert Pairs(torch.zeros(3, 1), torch.zeros(4, 1), mask).positive_mask() is mask
+    with pytest.raises(ValueError, match="exactly one"):
+        Pairs(torch.zeros(3, 1), torch.zeros(4, 1), mask, positive_index=index)
+    with pytest.raises(ValueError, match="exactly one"):
+        Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None)
+    with pytest.raises(ValueError, match="one column per anchor"):
+        Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None, positive_index=index[:2])
+
+
+def grads_of(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of ``value`` with respect to every input, zero for an input it does not use (the other view)."""
+    grads = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+
+
+def test_cpc_pairs_carry_positive_index_and_match_the_mask_path() -> None:
+    """Each CPC anchor (image i, row r, column c, step k)'s one positive is the embedding at (i, r + k, c)."""
+    torch.manual_seed(7)
+    n, h, w, d = 2, 4, 3, 6
+    extract = EXTRACT.build("cpc_context", map_channels=(d,), proj_dim=d, context_steps=3, context_blocks=1).double()
+    grid_a = torch.randn(n, h, w, d, dtype=torch.float64, requires_grad=True)
+    grid_b = torch.randn(n, h, w, d, dtype=torch.float64, requires_grad=True)
+    all_pairs = extract.pairs({"grid": grid_a}, {"grid": grid_b}, None, None)
+    assert len(all_pairs) == 6
+    for number, pairs in enumerate(all_pairs):
+        k, grid = number % 3 + 1, (grid_a, grid_b)[number // 3]
+        assert pairs.positives is None and pairs.positive_index is not None
+        assert pairs.positive_index.dtype == torch.int64
+        anchors = [(i, r, c) for i in range(n) for r in range(h - k) for c in range(w)]
+        assert len(anchors) == pairs.anchors.shape[0]
+        for m, (i, r, c) in enumerate(anchors):
+            assert torch.equal(pairs.candidates[pairs.positive_index[m]], grid[i, r + k, c])
+    similarity, loss = SIMILARITY.build("dot", scale_by_dim=False), LOSS.build("infonce")
+    inputs = [grid_a, grid_b, *extract.parameters()]
+    for pairs in all_pairs:
+        scores = similarity(pairs.anchors, pairs.candidates)  # float32, as every similarity scores
+        fast, masked = loss(scores, pairs), loss(scores, on_path(pairs, "mask"))
+        torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads_of(fast, inputs), grads_of(masked, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_multiscale_against_the_global_scale_gives_positive_index() -> None:
+    """In 'a:1' the candidates are the N global vectors, so an anchor's one positive is its own image's vector."""
+    torch.manual_seed(8)
+    n = 3
+    extract = EXTRACT.build("multiscale", vector_dim=5, map_channels=(4, 6), comparisons="5:1, 1:1", proj_dim=3,
+                            anchor_locations=2)
+    views = [Features(torch.randn(n, 5), [torch.randn(n, 4, 3, 3), torch.randn(n, 6, 2, 2)]) for _ in range(2)]
+    embedded = [extract.embed(f) for f in views]
+    loss, similarity = LOSS.build("amdim_nce"), SIMILARITY.build("dot", tclip=5.0)
+    for pairs in extract.pairs(embedded[0], embedded[1], None, None):
+        assert pairs.positives is None and pairs.positive_index is not None
+        anchor_img = torch.arange(n).repeat_interleave(pairs.anchors.shape[0] // n)
+        reference = same_image_pairs(pairs.anchors, anchor_img, pairs.candidates, torch.arange(n), pairs.name)
+        assert torch.equal(pairs.positive_mask(), reference.positives)
+        scores = similarity(pairs.anchors, pairs.candidates)
+        torch.testing.assert_close(loss(scores, pairs), loss(scores, reference))
 
 
 def test_similarities_by_formula() -> None:

@@ -2,10 +2,11 @@
 
 The grid is the encoder's last map, or, with a patch pipeline (``augment: cpc``), the grid of patch vectors. For
 each position (r, c) and step k = 1..``context_steps``, the prediction W_k·ctx(r, c) is an anchor whose positive
-is the embedding at (r + k, c) of the same image; every other position of every image in the batch is a
-negative. The context network is PixelCNN-like: its convolutions are padded on top only, so ctx(r, c) sees
-rows ≤ r and nothing below. Each view is its own prediction task (CPC uses one view; the second doubles the
-samples), and with a momentum target the positives and negatives come from the target's grid.
+is the embedding at (r + k, c) of the same image (its only positive, given as ``positive_index``: no M×K mask);
+every other position of every image in the batch is a negative. The context network is PixelCNN-like: its
+convolutions are padded on top only, so ctx(r, c) sees rows ≤ r and nothing below. Each view is its own prediction
+task (CPC uses one view; the second doubles the samples), and with a momentum target the positives and negatives
+come from the target's grid.
 """
 
 from __future__ import annotations
@@ -58,15 +59,13 @@ class CpcContext(nn.Module):
                 raise ValueError(f"cpc_context needs a grid of at least 2 rows, the encoder gives {h}×{w}")
             ctx = self.context(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # N×h×w×d
             candidates = (target if target is not None else online)["grid"].reshape(n * h * w, d)
-            cand_index = torch.arange(n * h * w, device=z.device)
             for k, predictor in enumerate(self.predict[: h - 1], start=1):
                 anchors = predictor(ctx[:, : h - k]).reshape(-1, d)
                 rows = torch.arange(h - k, device=z.device)
                 img = torch.arange(n, device=z.device)
                 col = torch.arange(w, device=z.device)
                 positive = (img[:, None, None] * h * w + (rows[None, :, None] + k) * w + col[None, None, :]).reshape(-1)
-                result.append(Pairs(anchors, candidates, positive[:, None] == cand_index[None, :], None,
-                                    name=f"{view} k={k}"))
+                result.append(Pairs(anchors, candidates, None, None, name=f"{view} k={k}", positive_index=positive))
         return result
 
 

@@ -16,6 +16,7 @@ def two_view_pairs(anchors_a: Tensor, anchors_b: Tensor, cands_a: Tensor, cands_
     symmetric (SimCLR): anchors and candidates are the same 2N embeddings; the positive of sample i is its other
     view, and i itself is excluded. Otherwise (BYOL, MoCo, SimSiam): anchor i of view a is compared with the
     candidates of view b, so the candidates are the two views swapped; the same-view candidate is excluded.
+    Either way each anchor has one positive, given as ``positive_index``.
     """
     n = anchors_a.shape[0]
     device = anchors_a.device
@@ -24,13 +25,12 @@ def two_view_pairs(anchors_a: Tensor, anchors_b: Tensor, cands_a: Tensor, cands_
     anchors = torch.cat([anchors_a, anchors_b])
     if symmetric:
         candidates = anchors
-        positives = idx[:, None] == other[None, :]
-        exclude = idx[:, None] == idx[None, :]
+        positive, excluded = other, idx
     else:
         candidates = torch.cat([cands_b, cands_a])
-        positives = idx[:, None] == idx[None, :]
-        exclude = idx[:, None] == other[None, :]
-    return Pairs(anchors, candidates, positives, exclude, name="a:b")
+        positive, excluded = idx, other
+    exclude = idx[:, None] == excluded[None, :]
+    return Pairs(anchors, candidates, None, exclude, name="a:b", positive_index=positive)
 
 
 class LastVector(nn.Module):

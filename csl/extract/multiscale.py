@@ -3,9 +3,9 @@
 Scales, in AMDIM's notation at 32×32: ``1`` the global vector (1×1), ``5`` the last feature map (5×5 in AMDIM's
 encoder), ``7`` the map before it (7×7). A comparison ``a:b`` scores anchors of scale ``a`` from one view against
 candidates of scale ``b`` from the other view, both ways; a candidate is a positive when it comes from the same
-image, at any location ("NCE over all locations of other images"). Local anchors are drawn at
-``anchor_locations`` random positions per image, as AMDIM does for its 5:5 term, so the score matrix stays
-N·A × N·L rather than N·L × N·L.
+image, at any location ("NCE over all locations of other images"); against the global scale that is one
+candidate, given as ``positive_index``. Local anchors are drawn at ``anchor_locations`` random positions per image,
+as AMDIM does for its 5:5 term, so the score matrix stays N·A × N·L rather than N·L × N·L.
 """
 
 from __future__ import annotations
@@ -92,7 +92,11 @@ class Multiscale(nn.Module):
                 anchors, anchor_img = scale_embeddings(anchor_side, src) if x.dim() == 2 else sample_locations(
                     x, self.anchor_locations)
                 candidates, cand_img = scale_embeddings(cand_side, trg)
-                result.append(same_image_pairs(anchors, anchor_img, candidates, cand_img, f"{src}:{trg} {direction}"))
+                name = f"{src}:{trg} {direction}"
+                if trg == "1":  # one global candidate per image, in image order: an anchor's only positive
+                    result.append(Pairs(anchors, candidates, None, None, name, positive_index=anchor_img))
+                else:
+                    result.append(same_image_pairs(anchors, anchor_img, candidates, cand_img, name))
         return result
 
 
