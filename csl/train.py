@@ -102,7 +102,7 @@ class Run:
         self.step = 0
         self.forward = torch.compile(self.model) if cfg["compile"] else self.model
         if cfg["compile"]:
-            self.pipeline.compile()
+            self.pipeline.compile(self.device)
         self.last_eval: dict[str, float] = {}
 
     def _set_lr(self) -> None:

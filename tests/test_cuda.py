@@ -138,7 +138,7 @@ def test_compiled_augmentation_gives_the_eager_views(method: str) -> None:
     pipeline, _ = build_model(resolve(tiny(method=method)), image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     images = random_images(64).cuda()
     eager = pipeline(images, torch.Generator(device="cuda").manual_seed(0))
-    pipeline.compile()
+    pipeline.compile(torch.device("cuda"))
     compiled = pipeline(images, torch.Generator(device="cuda").manual_seed(0))
     for a, b in zip(eager, compiled):
         assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4

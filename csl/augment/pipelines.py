@@ -57,13 +57,17 @@ class Pipeline:
         self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._apply: ApplyViews = apply_views
 
-    def compile(self) -> None:
-        """Apply the drawn views through ``torch.compile``: the many small per-pixel ops fuse into a few kernels.
+    def compile(self, device: torch.device) -> None:
+        """Apply the drawn views through ``torch.compile`` on ``device``: the many small per-pixel ops fuse into a
+        few kernels.
 
         The random draws stay eager (they use the run's generator, which compiled code does not take), so the
-        views are the same as uncompiled ones up to floating-point reassociation.
+        views are the same as uncompiled ones up to floating-point reassociation. The CPU keeps the eager path:
+        there masked ops work on just the selected samples, a data-dependent shape that compiled code would
+        recompile for at every batch.
         """
-        self._apply = torch.compile(apply_views, dynamic=False)
+        if not ops.select_on_host(torch.empty(0, device=device)):
+            self._apply = torch.compile(apply_views, dynamic=False)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Two views of uint8 (0-255) or float (0-1) images N×3×H×W; the generator must be on their device."""
