@@ -9,7 +9,8 @@ Child run of a trial:
 - tags ``mlflow.parentRunId`` (nesting), ``csl.trial_id`` (the Ray trial id), ``csl.status`` (running, finished,
   stopped, failed, diverged; interrupted while a stopped search waits for ``csl-search resume``), ``csl.error``
   (reason for failed / diverged), ``csl.retries``, ``csl.epochs_run``, ``csl.node_id`` / ``csl.node_ip`` /
-  ``csl.hostname`` (where it ran last), ``csl.label`` (the space's short name of the config);
+  ``csl.hostname`` (where it ran last), ``csl.label`` (the space's short name of the config), ``csl.config_hash``
+  (the config as the searcher proposed it: ``search.tracking.config_fingerprint``);
 - every aspect and option of the config as it trains (preset and trainer defaults filled in) as a param under its
   flat name, plus ``variant`` for a neighbourhood space;
 - per-epoch metrics with ``step=epoch``: loss, knn_acc, probe_acc, images_per_s, epoch_time (and ``diverged``=1 at
@@ -33,10 +34,12 @@ from ray.tune import Callback
 
 from search.status import ENDED, EPOCH_METRICS, MAX_TAG, RUN_STATUS, error_summary, planned_epochs, trial_status
 from search.tracking import (
+    CONFIG_TAG,
     ERROR_TAG,
     PARENT_TAG,
     STATUS_TAG,
     TRIAL_TAG,
+    config_fingerprint,
     dataset_input,
     finite_number,
     param_value,
@@ -131,6 +134,16 @@ class MlflowTrialCallback(Callback):
             return run_id
         return self._create_run(trial)
 
+    def _params(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The run's params: the config as it will train (preset and defaults filled in), and its variant."""
+        params = resolved_config(config)
+        if self.space is not None:
+            params = {**params, **self.space.effective(config)}
+            variant = self.space.variant_of(config)
+            if variant is not None:
+                params["variant"] = variant
+        return params
+
     def _create_run(self, trial: Any) -> str:
         from mlflow.entities import Param
 
@@ -139,16 +152,13 @@ class MlflowTrialCallback(Callback):
             PARENT_TAG: self.parent_run_id,
             TRIAL_TAG: trial.trial_id,
             STATUS_TAG: "running",
+            CONFIG_TAG: config_fingerprint(config),
             "csl.trial_name": str(trial),
             "csl.searched": ",".join(self.searched),
             "csl.planned_epochs": str(planned_epochs(config, self.max_epochs)),
         }
-        params = resolved_config(config)
+        params = self._params(config)
         if self.space is not None:
-            params = {**params, **self.space.effective(config)}
-            variant = self.space.variant_of(config)
-            if variant is not None:
-                params["variant"] = variant
             tags["csl.label"] = self.space.label(config)
         run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
         run_id = run.info.run_id
