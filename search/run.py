@@ -26,10 +26,10 @@ from typing import Any
 from search import storage
 from search.schedulers import SCHEDULERS
 from search.status import FINAL
+from search.trainable import ENDED_FILE  # trials that must not train again: resume writes it
 
 SEARCHERS = ("optuna", "random", "grid")
 STATE_FILE = "csl_search.json"
-ENDED_FILE = "ended_trials.json"  # written by resume: trials that must not train again (search.trainable)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "runs"
 DEFAULT_NUM_SAMPLES = 8

@@ -17,7 +17,8 @@ A trial that had already ended when its driver died can come back from Tune's ex
 even pending (Tune snapshots when trials checkpoint, not when they end, and copies the snapshot to storage in
 the background). Such a trial must not train again: ``csl-search resume`` writes the trials MLflow holds as ended,
 with their last results, to a JSON file named by ``$CSL_ENDED_TRIALS``; a trial found there (or restored from a
-diverged record) repeats its last result and returns.
+diverged record) repeats its last result and returns. The resumed driver adds to that file a new trial that
+replays one Tune lost after it had ended (``search.callback``), before the new trial starts.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from search.status import EPOCH_METRICS
 
 RESULT_FILE = "csl_result.json"  # the epoch's reported result, kept beside the trainer's state in a checkpoint
 ENDED_ENV = "CSL_ENDED_TRIALS"  # path or URI of {Ray trial id: last result} of trials that already ended
+ENDED_FILE = "ended_trials.json"  # that file, in the experiment folder: written by resume, added to by the callback
 
 
 def _node() -> dict[str, str]:
@@ -58,6 +60,22 @@ def ended_trials() -> dict[str, dict[str, Any]]:
     fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
     with fs.open_input_stream(path) as f:
         return json.loads(f.readall().decode())
+
+
+def add_ended(filesystem: Any, path: str, trial_id: str, result: Mapping[str, Any]) -> None:
+    """Add one trial to the ended-trials file (``path`` on a pyarrow ``filesystem``), before that trial starts.
+
+    The resumed driver calls this for a trial that replays one Tune lost after it had ended
+    (``search.callback``): the replay then repeats the lost trial's end instead of training again.
+    """
+    try:
+        with filesystem.open_input_stream(path) as f:
+            ended = json.loads(f.readall().decode())
+    except FileNotFoundError:
+        ended = {}
+    ended[trial_id] = dict(result)
+    with filesystem.open_output_stream(path) as f:
+        f.write(json.dumps(ended).encode())
 
 
 def _checkpoint_folder(result: Mapping[str, Any], save_checkpoint: Callable[[Path], None] | None, folder: str) -> Any:
