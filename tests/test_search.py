@@ -78,6 +78,18 @@ constraints:
     reason: "test: dot scores only with temperature 1"
 """
 
+# Two trials of one epoch (grid searcher), for resuming a search that has runs Tune never held.
+LOST_SPACE = f"""\
+name: t_lost
+metric: loss
+mode: min
+budget: {{epochs: 1}}
+fixed:
+{TINY_FIXED}  method: simclr
+params:
+  lr: {{choice: [1.0e-3, 3.0e-3]}}
+"""
+
 STATUSES = {"finished", "stopped", "failed", "diverged"}
 
 
@@ -588,3 +600,41 @@ def test_an_interrupted_resume_keeps_lost_runs_for_the_next_one(tmp_path: Path, 
     assert {k.data.tags["csl.trial_id"] for k in kids} == {"a0000000", "b2222222"}
     assert {k.info.status for k in kids} == {"FINISHED"}
 
+
+def test_resume_retires_a_run_left_running_for_a_trial_tune_never_held(tmp_path: Path, mlflow_server: str) -> None:
+    """The real resume: a RUNNING child run whose trial no snapshot held and no replay proposes ends up in the trash."""
+    from mlflow import MlflowClient
+
+    from search.callback import ORPHAN_TAG
+    from search.cli import main
+    from search.tracking import CONFIG_TAG, config_fingerprint
+
+    space = write_space(tmp_path, LOST_SPACE, "t_lost")
+    folder = tmp_path / "runs" / "lost"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main([
+            "run", str(space), "--searcher", "grid", "--scheduler", "fifo", "--storage", str(tmp_path / "runs"),
+            "--name", "lost", "--mlflow-uri", mlflow_server, "--experiment", "csl-test-lost-resume", "--num-cpus", "2",
+            "--quiet",
+        ])  # fmt: skip
+    assert code == 0
+    state = json.loads((folder / "csl_search.json").read_text())
+    client, parent = MlflowClient(mlflow_server), state["parent_run_id"]
+    # What a driver killed after a trial's on_trial_start leaves when no snapshot reached storage with that trial.
+    tags = {"mlflow.parentRunId": parent, "csl.trial_id": "lost0000", "csl.status": "running",
+            CONFIG_TAG: config_fingerprint({"lr": 2.0e-3})}  # fmt: skip
+    orphan = client.create_run(state["experiment_id"], run_name="csl_trial_lost0000", tags=tags).info.run_id
+    client.log_metric(orphan, "loss", 5.0, step=1)
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["resume", str(folder)])
+    assert code == 0, out.getvalue()
+    rows = pq.read_table(folder / "results.parquet").to_pylist()
+    kids = children(client, parent)
+    assert len(rows) == 2 and {k.data.tags["csl.trial_id"] for k in kids} == {r["trial_id"] for r in rows}
+    assert all(k.info.status != "RUNNING" for k in kids)
+    run = client.get_run(orphan)
+    assert run.info.lifecycle_stage == "deleted" and run.info.status == "KILLED"
+    assert "lost0000" in run.data.tags[ORPHAN_TAG]
+    assert client.get_run(parent).info.status == "FINISHED"
