@@ -508,7 +508,7 @@ def test_resume_adopts_or_retires_the_runs_of_trials_tune_lost(tmp_path: Path, m
     import pickle
 
     from search.callback import ORPHAN_TAG, REPLAYS_TAG, MlflowTrialCallback
-    from search.trainable import ENDED_FILE
+    from search.trainable import ENDED_FILE, parse_ended
 
     client, experiment_id, parent = _lost_trials_parent(mlflow_server, "csl-test-lost")
     first = MlflowTrialCallback(mlflow_server, experiment_id, parent, metric="loss", max_epochs=2)
@@ -536,7 +536,7 @@ def test_resume_adopts_or_retires_the_runs_of_trials_tune_lost(tmp_path: Path, m
     second.on_step_begin(0, [a])
     for trial in (a, *replays.values()):
         second.on_trial_start(0, [], trial)
-    ended = json.loads((tmp_path / ENDED_FILE).read_text())
+    ended = parse_ended((tmp_path / ENDED_FILE).read_text())
     assert set(ended) == {"c1111111"} and ended["c1111111"]["epoch"] == 1  # c's replay repeats c's end
     replays["c"].report(second, 1)  # what the trainable reports for it
     for trial in (a, replays["b"], replays["d"], replays["f"]):
