@@ -9,7 +9,8 @@ Child run of a trial:
 - tags ``mlflow.parentRunId`` (nesting), ``csl.trial_id`` (the Ray trial id), ``csl.status`` (running, finished,
   stopped, failed, diverged; interrupted while a stopped search waits for ``csl-search resume``), ``csl.error``
   (reason for failed / diverged), ``csl.retries``, ``csl.epochs_run``, ``csl.node_id`` / ``csl.node_ip`` /
-  ``csl.hostname`` (where it ran last), ``csl.label`` (the space's short name of the config);
+  ``csl.hostname`` (where it ran last), ``csl.label`` (the space's short name of the config), ``csl.config_hash``
+  (the config as the searcher proposed it: ``search.tracking.config_fingerprint``);
 - every aspect and option of the config as it trains (preset and trainer defaults filled in) as a param under its
   flat name, plus ``variant`` for a neighbourhood space;
 - per-epoch metrics with ``step=epoch``: loss, knn_acc, probe_acc, images_per_s, epoch_time (and ``diverged``=1 at
@@ -21,6 +22,30 @@ Child run of a trial:
 Resume never duplicates: a run is looked up by its ``csl.trial_id`` tag under the parent before one is made, an
 epoch already logged is not logged again, a run that ended under an earlier driver keeps its end, and
 ``on_experiment_end`` reconciles every trial Ray knows of with its run.
+
+Runs of trials Tune lost. Tune snapshots the experiment (trials and searcher state) every few seconds and after
+checkpoints, and copies the snapshot to storage in the background; a resume restores the last copy. A trial the
+searcher proposed after that copy is lost: the restored searcher proposes it again under a new Ray trial id.
+The run the dead driver made for it (an *orphan*: a child run whose trial id the restored experiment does not
+hold) is adopted by the trial that replays it, recognised by ``csl.config_hash`` (searchers are seeded and their
+state is in the same snapshot, so the replay proposes the same config). Where the driver died:
+
+- after the proposal, before the trial started: no run yet; the replay gets a new one. Nothing to reconcile.
+- after ``on_trial_start``, before a result: the orphan is RUNNING with no metrics; the replay adopts it.
+- after some epochs were logged: the replay adopts it but trains from scratch (the lost trial's checkpoint is
+  not in the snapshot), and epochs the run holds are not logged again: the rule a restored trial follows too.
+- after the trial ended (stopped, finished, diverged): the replay adopts the run and, through the ended-trials
+  file (``search.trainable``), repeats that end instead of training again; the run keeps its end untouched.
+- the replay proposes another config (a searcher that is not deterministic), or none: once the search has
+  ended with no trial unfinished, the orphan is marked KILLED, tagged ``csl.orphaned`` with the reason, and
+  deleted, i.e. moved to MLflow's trash (``mlflow runs restore`` brings it back; ``mlflow gc`` purges it). So the
+  parent's children are exactly the trials of results.parquet, and none is left RUNNING. An interrupted search
+  only marks its orphans KILLED: a later resume may still adopt them.
+
+Why adopt rather than create each run lazily at its trial's first result: a run from the start shows a trial
+the moment it trains (an epoch of a big encoder can take an hour), a trial that fails before its first result
+still needs its run, and lazy creation would not close the window anyway (a trial can log epochs, even end,
+before the snapshot that holds it reaches storage). Reconciling at resume covers every kill point above.
 """
 
 from __future__ import annotations
@@ -33,17 +58,25 @@ from ray.tune import Callback
 
 from search.status import ENDED, EPOCH_METRICS, MAX_TAG, RUN_STATUS, error_summary, planned_epochs, trial_status
 from search.tracking import (
+    CONFIG_TAG,
     ERROR_TAG,
     PARENT_TAG,
     STATUS_TAG,
     TRIAL_TAG,
+    config_fingerprint,
     dataset_input,
+    ended_results,
     finite_number,
     param_value,
     resolved_config,
+    trial_runs,
 )
+from search.trainable import ENDED_FILE, add_ended
 
 log = logging.getLogger(__name__)
+
+ORPHAN_TAG = "csl.orphaned"  # why a run of a trial Tune lost was deleted at the end of a resumed search
+REPLAYS_TAG = "csl.replays_trial"  # on an adopted run: the Ray trial id it was made for, which Tune lost
 
 
 class MlflowTrialCallback(Callback):
@@ -77,6 +110,7 @@ class MlflowTrialCallback(Callback):
         self._node: dict[str, tuple] = {}
         self._ended: set[str] = set()
         self._final: dict[str, str] = {}  # Ray trial id -> status its run ended with under an earlier driver
+        self._orphans: list[Any] | None = None  # runs of trials the restored experiment lacks; None: not looked yet
 
     # The callback is pickled into the experiment folder (tuner.pkl); the client and caches are not state.
     def __getstate__(self) -> dict[str, Any]:
@@ -113,7 +147,7 @@ class MlflowTrialCallback(Callback):
             if reopen and trial_id not in self._final:
                 self._set_running(trial_id)
             return self._runs[trial_id]
-        existing = self.find_run(trial_id)
+        existing = self.find_run(trial_id) or self._adopt(trial)
         if existing is not None:
             run_id = existing.info.run_id
             self._runs[trial_id] = run_id
@@ -131,6 +165,16 @@ class MlflowTrialCallback(Callback):
             return run_id
         return self._create_run(trial)
 
+    def _params(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The run's params: the config as it will train (preset and defaults filled in), and its variant."""
+        params = resolved_config(config)
+        if self.space is not None:
+            params = {**params, **self.space.effective(config)}
+            variant = self.space.variant_of(config)
+            if variant is not None:
+                params["variant"] = variant
+        return params
+
     def _create_run(self, trial: Any) -> str:
         from mlflow.entities import Param
 
@@ -139,16 +183,13 @@ class MlflowTrialCallback(Callback):
             PARENT_TAG: self.parent_run_id,
             TRIAL_TAG: trial.trial_id,
             STATUS_TAG: "running",
+            CONFIG_TAG: config_fingerprint(config),
             "csl.trial_name": str(trial),
             "csl.searched": ",".join(self.searched),
             "csl.planned_epochs": str(planned_epochs(config, self.max_epochs)),
         }
-        params = resolved_config(config)
+        params = self._params(config)
         if self.space is not None:
-            params = {**params, **self.space.effective(config)}
-            variant = self.space.variant_of(config)
-            if variant is not None:
-                params["variant"] = variant
             tags["csl.label"] = self.space.label(config)
         run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
         run_id = run.info.run_id
@@ -161,6 +202,79 @@ class MlflowTrialCallback(Callback):
         if dataset is not None:
             self.client.log_inputs(run_id, datasets=[dataset])
         return run_id
+
+    # ------------------------------------------------------------------ runs of trials Tune lost
+
+    def _find_orphans(self, trials: list) -> None:
+        """Note the parent's child runs whose trial the (restored) experiment does not hold, oldest first.
+
+        Called with the trials Tune restored, before the searcher proposes anything new; a fresh search finds none.
+        """
+        if self._orphans is not None:
+            return
+        known = {trial.trial_id for trial in trials}
+        runs = trial_runs(self.client, self.experiment_id, self.parent_run_id)
+        orphans = [run for run in runs if TRIAL_TAG in run.data.tags and run.data.tags[TRIAL_TAG] not in known]
+        self._orphans = sorted(orphans, key=lambda run: run.info.start_time)
+        if orphans:
+            lost = ", ".join(run.data.tags[TRIAL_TAG] for run in orphans)
+            log.info("%d MLflow runs of trials the restored experiment lacks (%s)", len(orphans), lost)
+
+    def _adopt(self, trial: Any) -> Any | None:
+        """The run of a trial Tune lost, when ``trial`` replays its config: re-keyed to ``trial``, else None.
+
+        A run made before ``csl.config_hash`` existed is matched by its params instead.
+        """
+        if not self._orphans:
+            return None
+        from mlflow.entities import Param
+
+        config = dict(trial.config)
+        fingerprint, params = config_fingerprint(config), self._params(config)
+        wanted = {key: param_value(value) for key, value in params.items()}
+        for run in self._orphans:
+            tags = run.data.tags
+            if tags.get(CONFIG_TAG) == fingerprint or (CONFIG_TAG not in tags and run.data.params == wanted):
+                break
+        else:
+            return None
+        self._orphans.remove(run)
+        run_id, lost = run.info.run_id, run.data.tags[TRIAL_TAG]
+        log.info("trial %s replays trial %s, which Tune lost: continuing its MLflow run %s", trial, lost, run_id)
+        self.client.set_tag(run_id, TRIAL_TAG, trial.trial_id)
+        self.client.set_tag(run_id, REPLAYS_TAG, lost)
+        self.client.set_tag(run_id, "csl.trial_name", str(trial))
+        self.client.update_run(run_id, name=str(trial))
+        missing = {key: value for key, value in wanted.items() if key not in run.data.params}
+        if missing:  # the driver died between making the run and logging its params
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(missing.items())])
+            self.client.log_dict(run_id, {"trial_config": config, "resolved": params}, "trial_config.json")
+        ended = ended_results([run]).get(lost)
+        if ended is not None:
+            # The trainable reads this file when it starts, which Tune does after on_trial_start returns.
+            storage = trial.storage
+            add_ended(storage.storage_filesystem, f"{storage.experiment_fs_path}/{ENDED_FILE}", trial.trial_id, ended)
+        return run
+
+    def _settle_orphans(self, trials: list) -> None:
+        """End the runs no trial adopted: KILLED; deleted too when the search is over (module docstring)."""
+        self._find_orphans(trials)
+        over = all(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+        for run in self._orphans or []:
+            run_id = run.info.run_id
+            if run.info.status == "RUNNING":
+                self.client.set_tag(run_id, STATUS_TAG, "interrupted")
+                self.client.set_terminated(run_id, status="KILLED")
+            if over:
+                reason = (
+                    f"Ray trial {run.data.tags[TRIAL_TAG]} was lost when its driver died (the experiment "
+                    "snapshot did not hold it yet) and the resumed search did not propose its config again; "
+                    "deleted so that the parent's children are the search's trials (mlflow runs restore brings it "
+                    "back)"
+                )
+                self.client.set_tag(run_id, ORPHAN_TAG, reason)
+                self.client.delete_run(run_id)
+        self._orphans = []
 
     def _set_running(self, trial_id: str) -> None:
         run_id = self._runs[trial_id]
@@ -186,6 +300,9 @@ class MlflowTrialCallback(Callback):
         self._ended.add(trial.trial_id)
 
     # ------------------------------------------------------------------ Tune hooks
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self._find_orphans(trials)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._run_id(trial, reopen=True)
@@ -237,6 +354,7 @@ class MlflowTrialCallback(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Give every trial that ended its final status, including those that ended while a driver was dying."""
+        self._settle_orphans(trials)
         for trial in trials:
             if trial.status not in ("TERMINATED", "ERROR"):
                 # The search was interrupted (Ctrl-C) with this trial unfinished; `csl-search resume` reopens it.

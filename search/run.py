@@ -26,10 +26,10 @@ from typing import Any
 from search import storage
 from search.schedulers import SCHEDULERS
 from search.status import FINAL
+from search.trainable import ENDED_FILE, ended_lines  # trials that must not train again: resume writes it
 
 SEARCHERS = ("optuna", "random", "grid")
 STATE_FILE = "csl_search.json"
-ENDED_FILE = "ended_trials.json"  # written by resume: trials that must not train again (search.trainable)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "runs"
 DEFAULT_NUM_SAMPLES = 8
@@ -339,7 +339,7 @@ def resume_search(experiment_path: str, *, address: str | None = None, num_cpus:
     # A trial that MLflow holds as ended may come back from Tune's snapshot as unfinished: it must not train again.
     ended_file = storage.join(path, ENDED_FILE)
     runs = trial_runs(client, state["experiment_id"], state["parent_run_id"])
-    storage.write_text(ended_file, json.dumps(ended_results(runs)))
+    storage.write_text(ended_file, ended_lines(ended_results(runs)))
     address, num_cpus = address or state.get("address"), num_cpus or state.get("num_cpus")
     started_ray = init_ray(address, num_cpus, env={ENDED_ENV: ended_file})
     try:

@@ -9,6 +9,7 @@ The store defaults to SQLite in the search's storage folder (MLflow 3.17 refuses
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ STATUS_TAG = "csl.status"
 ERROR_TAG = "csl.error"
 PARENT_TAG = "mlflow.parentRunId"
 SEARCH_TAG = "csl.search"  # marks a parent (search) run: value = the Ray experiment folder
+CONFIG_TAG = "csl.config_hash"  # a child run's trial config as proposed (config_fingerprint): set when it is created
 
 
 
@@ -157,6 +159,17 @@ def param_value(value: Any) -> str:
 
 def finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """A short hash of a trial config as the searcher proposed it.
+
+    A resumed search replays the proposals its driver made after the last experiment snapshot; the replay of a
+    trial Tune lost has a new Ray trial id but the same config, and this is what finds the lost trial's run
+    (``search.callback``). A tag set in ``create_run`` itself, so a run never exists without it.
+    """
+    text = json.dumps(dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def resolved_config(config: Mapping[str, Any]) -> dict[str, Any]:

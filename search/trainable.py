@@ -17,7 +17,8 @@ A trial that had already ended when its driver died can come back from Tune's ex
 even pending (Tune snapshots when trials checkpoint, not when they end, and copies the snapshot to storage in
 the background). Such a trial must not train again: ``csl-search resume`` writes the trials MLflow holds as ended,
 with their last results, to a JSON file named by ``$CSL_ENDED_TRIALS``; a trial found there (or restored from a
-diverged record) repeats its last result and returns.
+diverged record) repeats its last result and returns. The resumed driver adds to that file a new trial that
+replays one Tune lost after it had ended (``search.callback``), before the new trial starts.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from typing import Any
 from search.status import EPOCH_METRICS
 
 RESULT_FILE = "csl_result.json"  # the epoch's reported result, kept beside the trainer's state in a checkpoint
-ENDED_ENV = "CSL_ENDED_TRIALS"  # path or URI of {Ray trial id: last result} of trials that already ended
+ENDED_ENV = "CSL_ENDED_TRIALS"  # path or URI of the ended-trials file: the last result of each trial that ended
+# That file, in the experiment folder: written by resume, added to by the resumed driver. JSON Lines, one
+# {"trial_id", "result"} per trial, and not named *.json: Tune copies the experiment folder's .json and .pkl files
+# into its driver staging folder when it restores, then uploads that folder over the experiment folder at every
+# snapshot, which would put back the stale copy of a .json file that the driver adds to during the search.
+ENDED_FILE = "ended_trials.jsonl"
 
 
 def _node() -> dict[str, str]:
@@ -48,6 +54,17 @@ def _node() -> dict[str, str]:
     return {"node_id": node_id, "node_ip": node_ip, "hostname": socket.gethostname()}
 
 
+def ended_lines(ended: Mapping[str, Mapping[str, Any]]) -> str:
+    """The ended-trials file's text for {Ray trial id: last result}."""
+    return "".join(json.dumps({"trial_id": key, "result": dict(result)}) + "\n" for key, result in ended.items())
+
+
+def parse_ended(text: str) -> dict[str, dict[str, Any]]:
+    """{Ray trial id: last result} from the ended-trials file's text; a later line for a trial wins."""
+    entries = (json.loads(line) for line in text.splitlines() if line.strip())
+    return {entry["trial_id"]: entry["result"] for entry in entries}
+
+
 def ended_trials() -> dict[str, dict[str, Any]]:
     """{Ray trial id: last result} from the file ``$CSL_ENDED_TRIALS`` names (a path or a pyarrow URI)."""
     location = os.environ.get(ENDED_ENV)
@@ -57,7 +74,23 @@ def ended_trials() -> dict[str, dict[str, Any]]:
 
     fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
     with fs.open_input_stream(path) as f:
-        return json.loads(f.readall().decode())
+        return parse_ended(f.readall().decode())
+
+
+def add_ended(filesystem: Any, path: str, trial_id: str, result: Mapping[str, Any]) -> None:
+    """Add one trial to the ended-trials file (``path`` on a pyarrow ``filesystem``), before that trial starts.
+
+    The resumed driver calls this for a trial that replays one Tune lost after it had ended
+    (``search.callback``): the replay then repeats the lost trial's end instead of training again. Read and
+    written whole: object stores cannot append.
+    """
+    try:
+        with filesystem.open_input_stream(path) as f:
+            text = f.readall().decode()
+    except FileNotFoundError:
+        text = ""
+    with filesystem.open_output_stream(path) as f:
+        f.write((text + ended_lines({trial_id: result})).encode())
 
 
 def _checkpoint_folder(result: Mapping[str, Any], save_checkpoint: Callable[[Path], None] | None, folder: str) -> Any:
