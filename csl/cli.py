@@ -15,8 +15,14 @@ from csl.model import CombinationError
 from csl.registry import ASPECTS, ChoiceError
 
 
+# YAML's and most shells' spelling of booleans and null: "--compile true" must not become the (truthy) string
+_WORDS: dict[str, Any] = {"true": True, "false": False, "none": None, "null": None}
+
+
 def parse_value(text: str) -> Any:
     """Command-line values are Python literals where they parse as one (0.5, True, None), else strings."""
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from csl.cli import main
+from csl.cli import main, parse_value
 from csl.registry import ASPECTS
 
 TINY_ARGS = ["--encoder", "resnet18", "--width", "0.0625", "--epochs", "1", "--train_limit", "64", "--test_limit",
@@ -35,3 +35,12 @@ def test_bad_option_and_bad_combination_exit_2(capsys: pytest.CaptureFixture[str
     assert "unknown loss 'nope'; choose one of" in capsys.readouterr().err
     assert main(["train", "--method", "byol", "--similarity", "dot", *TINY_ARGS]) == 2
     assert "needs similarity 'cosine'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("true", True), ("False", False), ("True", True), ("none", None), ("null", None), ("0.5", 0.5), ("3", 3),
+    ("1:5, 5:5", "1:5, 5:5"), ("(1.0, 0.1)", (1.0, 0.1)), ("simclr", "simclr"),
+])
+def test_values_parse_as_literals_and_yaml_words(text: str, value: object) -> None:
+    """'--compile false' must give False, not the string 'false' (which is truthy)."""
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
