@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/bench_peer.py --width 0.25 --bf16   # CPU, with the trainer's CUDA bf16 setting
     .venv/bin/python benchmarks/bench_peer.py --device cuda --width 1 --steps 20 --warmup 5   # GPU target (>= 3x)
     .venv/bin/python benchmarks/bench_peer.py --device cuda --steps 20 --warmup 5 --compile  # ours compiled
+    .venv/bin/python benchmarks/bench_peer.py --width 0.25 --encode-views separate --compile  # CPU: views one by one
 
 Needs lightly (``pip install -e '.[bench]'``). Both sides train SimCLR on the same first ``--limit`` images of the
 shared CIFAR-10 parquet (decoded once, not timed), 32x32, batch ``--batch-size``, with
@@ -79,6 +80,8 @@ def main() -> None:
                         help="channels_last for both networks (our trainer's default on every device)")
     parser.add_argument("--bf16", action="store_true",
                         help="CPU experiment: bf16 autocast for both networks (our trainer uses it on CUDA only)")
+    parser.add_argument("--encode-views", default="joint", choices=("joint", "separate"),
+                        help="our encode_views option; 'separate' passes each view alone, as lightly's side does")
     parser.add_argument("--compile", action="store_true",
                         help="our trainer's compile option (model and augmentation); lightly's side stays as documented")
     args = parser.parse_args()
@@ -90,6 +93,7 @@ def main() -> None:
     config = simclr_config(width=width, batch_size=args.batch_size, device=device, seed=args.seed, blur=args.blur,
                            lr=args.lr, temperature=args.temperature, data=args.data)
     config["compile"] = args.compile
+    config["encode_views"] = args.encode_views
 
     ours, changed, peer, loader = ours_and_lightly(config, train, test, args, width, device)
 
@@ -99,7 +103,7 @@ def main() -> None:
     print(f"  {len(train)} images 32x32, batch {args.batch_size}, blur p={args.blur}, Adam lr {args.lr}, "
           f"tau {args.temperature}; lightly: {args.workers} DataLoader workers")
     print(f"  network settings (both sides): bf16 autocast {ours.autocast}, channels_last {ours.channels_last}; "
-          f"ours compiled {args.compile}"
+          f"ours compiled {args.compile}, encode_views {args.encode_views}"
           + (f" (CPU experiment: {', '.join(changed)} switched on)" if changed else ""))
     print(f"  blocks of {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} per side, alternating "
           f"(+{args.initial_warmup} warm-up steps in each side's first block)")

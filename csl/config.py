@@ -35,12 +35,17 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "compile": False,
     "amp": True,
     "channels_last": True,
+    "encode_views": "joint",
     "knn_k": 200,
     "knn_temperature": 0.1,
     "probe": True,
     "probe_lr": 1e-3,
     "eval_every": 1,
 }
+
+
+# Trainer options whose values are names: the allowed ones (csl.model.encode_views says what the two do).
+TRAINER_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate")}
 
 
 def known_options() -> set[str]:
@@ -65,6 +70,9 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
             raise ChoiceError(f"unknown method '{method}'; choose one of: {', '.join(sorted(PRESETS))}")
         resolved.update(PRESETS[method])
     resolved.update({k: v for k, v in config.items() if v is not None})
+    for option, allowed in TRAINER_CHOICES.items():
+        if resolved[option] not in allowed:
+            raise ChoiceError(f"unknown {option} '{resolved[option]}'; choose one of: {', '.join(allowed)}")
     for aspect, registry in ASPECTS.items():
         if aspect not in resolved:
             raise ChoiceError(f"config names no {aspect}; give --method or --{aspect} ({', '.join(registry.names())})")

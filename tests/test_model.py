@@ -117,3 +117,57 @@ def test_unknown_names_and_options_are_refused() -> None:
         resolve(tiny(method="simclr", loss="nope"))
     with pytest.raises(ChoiceError, match="unknown option not_an_option"):
         resolve(tiny(method="simclr", not_an_option=1))
+
+
+def _loss_of(config: dict, views: tuple[torch.Tensor, torch.Tensor], state: dict | None = None) -> tuple:
+    """The model's loss on views with batch norm on its running statistics (eval mode: no batch dependence)."""
+    torch.manual_seed(0)
+    _, model = build_model(resolve(config), image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    if state is not None:
+        model.load_state_dict(state)
+    model.eval()
+    loss, _ = model(*views)
+    return loss, model
+
+
+@pytest.mark.parametrize("method", ["simclr", "amdim", "cpc_v2"])
+def test_separate_views_equal_joint_views_when_batches_do_not_matter(method: str) -> None:
+    """The two ways differ only in batch normalisation's batches: on running statistics the loss is the same, so
+    the separate passes put vectors and every feature map back in the joint order."""
+    torch.manual_seed(1)
+    config = tiny(method=method)
+    pipeline, _ = build_model(resolve(config), image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    views = pipeline(random_images(8), torch.Generator().manual_seed(0))
+    joint, model = _loss_of(config, views)
+    separate, _ = _loss_of({**config, "encode_views": "separate"}, views, model.state_dict())
+    assert torch.allclose(joint, separate, rtol=1e-5, atol=1e-6)
+
+
+def test_separate_views_normalise_each_view_on_its_own() -> None:
+    """With batch norm, a separate pass gives view a what the encoder gives view a alone; a joint pass does not."""
+    from csl.model import encode_views
+    from csl.registry import ENCODER
+
+    torch.manual_seed(0)
+    encoder = ENCODER.build("resnet18", width=1 / 16).train()
+    a, b = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32) * 3 + 1  # views with different statistics
+    alone = encoder(a).vector
+    separate = encode_views(encoder, a, b, separate=True)
+    joint = encode_views(encoder, a, b, separate=False)
+    assert torch.allclose(separate.vector[:8], alone, atol=1e-6)
+    assert torch.allclose(separate.vector[8:], encoder(b).vector, atol=1e-6)
+    assert not torch.allclose(joint.vector[:8], alone, atol=1e-3)
+    assert [m.shape for m in separate.maps] == [m.shape for m in joint.maps]
+
+
+@pytest.mark.parametrize("method", ["byol", "cpc_v2"])
+def test_separate_views_train(method: str, cifar_mini) -> None:
+    """Momentum target and patch grids take the separate passes too."""
+    run = Run(tiny(method=method, encode_views="separate"), data=cifar_mini)
+    assert run.model.separate_views
+    assert torch.isfinite(torch.tensor(run.train_epoch()["loss"]))
+
+
+def test_encode_views_takes_only_its_two_values() -> None:
+    with pytest.raises(ChoiceError, match="encode_views 'both'; choose one of: joint, separate"):
+        resolve(tiny(method="simclr", encode_views="both"))
