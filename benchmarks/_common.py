@@ -55,6 +55,25 @@ Block = Callable[[int, int], float]
 # ----------------------------------------------------------------------------------------------- arguments, setup
 
 
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (any case, or 1/0), as ``csl``'s command line reads them."""
+    lowered = text.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_network_args(parser: argparse.ArgumentParser) -> None:
+    """The trainer's ``amp`` and ``channels_last`` options, for experiments against their defaults."""
+    parser.add_argument("--amp", type=parse_bool, default=True,
+                        help="our trainer's amp option: bf16 autocast where the device computes bf16 natively "
+                             "(GPUs, AMX CPUs); default true, as the trainer's")
+    parser.add_argument("--channels-last", type=parse_bool, default=True,
+                        help="our trainer's channels_last option (default true, as the trainer's)")
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
@@ -134,8 +153,9 @@ def interleave(blocks: Mapping[str, Block], *, repeats: int, warmup: int, steps:
                verbose: bool = True) -> dict[str, list[float]]:
     """Seconds per timed step of every block, ``repeats`` rounds, order reversed every other round (ABBA).
 
-    ``initial_warmup`` more untimed steps go to each side's first block: oneDNN builds its kernels for each new
-    shape and precision on first use (bf16 on this CPU took 20-30 s a step for the first two or three steps).
+    ``initial_warmup`` more untimed steps go to each side's first block: oneDNN and cuDNN build or pick their
+    kernels for each new shape and precision on first use (with torch 2.14 here the first CPU step is 1.2-1.5x
+    the next ones; older versions took 20-30 s for the first bf16 steps).
     """
     names = list(blocks)
     seconds: dict[str, list[float]] = {name: [] for name in names}
@@ -324,16 +344,22 @@ def lightly_loader(data: Any, *, mean: Sequence[float], std: Sequence[float], bl
 
 
 class LightlyTrainer:
-    """lightly's documented SimCLR loop, with the network settings of ours so only the data path differs.
+    """lightly's documented SimCLR loop, with the network settings its documentation gives or those of ours.
 
     Per step: two views from the DataLoader to the device, ``z0 = model(x0)``, ``z1 = model(x1)``,
-    ``NTXentLoss(z0, z1)``, backward, Adam step. ``autocast`` (bf16) and ``channels_last`` are whatever our
-    trainer uses (``run.autocast``: on CUDA only; ``run.channels_last``: on by default everywhere), and Adam is fused
-    where ours is (CUDA), so the networks do the same arithmetic and the comparison is of the pipelines.
+    ``NTXentLoss(z0, z1)``, backward, Adam step. ``like(run, settings=...)`` picks the network settings:
+
+    - ``documented``: what lightly's SimCLR examples run: float32, the default memory format, ``torch.optim.Adam``
+      without ``fused``: lightly's SimCLR as its documentation sets it up;
+    - ``ours``: our trainer's settings for ``run`` (``run.autocast``: bf16 where the device computes it natively,
+      ``run.channels_last``, Adam fused where ours is, on CUDA), so both networks do the same arithmetic and the
+      comparison is of the data paths alone.
     """
 
+    SETTINGS = ("documented", "ours")
+
     def __init__(self, model: LightlySimCLR, *, device: torch.device, lr: float, temperature: float,
-                 autocast: bool, channels_last: bool, weight_decay: float = 1e-6) -> None:
+                 autocast: bool, channels_last: bool, fused: bool, weight_decay: float = 1e-6) -> None:
         NTXentLoss, _, _ = import_lightly()
         self.device = device
         self.autocast = autocast
@@ -344,13 +370,19 @@ class LightlyTrainer:
         self.criterion = NTXentLoss(temperature=temperature)
         self.lr = lr
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay,
-                                          fused=device.type == "cuda")
+                                          fused=fused or None)
 
     @classmethod
-    def like(cls, run: Any, width: float, *, lr: float, temperature: float) -> LightlyTrainer:
-        """lightly's SimCLR with ``run``'s device and network settings, its backbone starting from our weights."""
+    def like(cls, run: Any, width: float, *, lr: float, temperature: float, settings: str = "documented"
+             ) -> LightlyTrainer:
+        """lightly's SimCLR on ``run``'s device with the ``settings`` network settings (see the class), its backbone
+        starting from our weights."""
+        if settings not in cls.SETTINGS:
+            raise ValueError(f"settings must be one of {cls.SETTINGS}, got {settings!r}")
+        ours = settings == "ours"
         peer = cls(LightlySimCLR(width), device=run.device, lr=lr, temperature=temperature,
-                   autocast=run.autocast, channels_last=run.channels_last)
+                   autocast=ours and run.autocast, channels_last=ours and run.channels_last,
+                   fused=ours and run.device.type == "cuda")
         peer.model.backbone.encoder.load_state_dict(run.model.encoder.state_dict())
         return peer
 
@@ -373,26 +405,6 @@ class LightlyTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss.detach()
-
-
-def cpu_overrides(run: Any, *, channels_last: bool, bf16: bool) -> list[str]:
-    """Experiment: turn on for a CPU run what a config may leave off (channels_last) or ``csl.train.Run`` enables on CUDA
-    only (bf16 autocast).
-
-    Sets the same attributes ``Run.__init__`` sets, on this instance; nothing in ``csl`` changes. Returns what
-    was changed, for the printout.
-    """
-    changed = []
-    if run.device.type != "cpu":
-        return changed
-    if channels_last and not run.channels_last:
-        run.channels_last = True
-        run.model.to(memory_format=torch.channels_last)
-        changed.append("channels_last")
-    if bf16 and not run.autocast:
-        run.autocast = True
-        changed.append("bf16 autocast")
-    return changed
 
 
 def close_iterator(iterator: Any) -> None:
@@ -446,19 +458,21 @@ def run_block(run: Any, batches: Iterator[tuple[Tensor, Tensor]]) -> Block:
     return block
 
 
-def ours_and_lightly(config: dict[str, Any], train: Any, test: Any, args: Any, width: float, device: torch.device
-                     ) -> tuple[Any, list[str], Any, Any]:
-    """Our ``Run`` and lightly's documented SimCLR set up alike: same network weights, settings and data.
+def ours_and_lightly(config: dict[str, Any], train: Any, test: Any, args: Any, width: float, device: torch.device,
+                     settings: Sequence[str] = ("documented",)) -> tuple[Any, dict[str, Any], Any]:
+    """Our ``Run`` and lightly's documented SimCLR set up alike: same network weights, data and recipe.
 
-    Returns (ours, the CPU experiment settings switched on, lightly's trainer, lightly's DataLoader).
+    ``config`` takes ``args.amp`` and ``args.channels_last`` (our trainer's options). Returns (ours, one lightly
+    trainer per name in ``settings``, lightly's DataLoader); every peer starts from our initial weights.
     """
     from csl.train import Run
 
-    ours = Run(config, data=(train, test))
-    changed = cpu_overrides(ours, channels_last=args.channels_last, bf16=args.bf16)
-    torch.manual_seed(args.seed)
-    peer = LightlyTrainer.like(ours, width, lr=args.lr, temperature=args.temperature)
+    ours = Run({**config, "amp": args.amp, "channels_last": args.channels_last}, data=(train, test))
+    peers = {}
+    for name in settings:
+        torch.manual_seed(args.seed)
+        peers[name] = LightlyTrainer.like(ours, width, lr=args.lr, temperature=args.temperature, settings=name)
     mean, std = ours.train_data.mean_std()
     loader = lightly_loader(train, mean=mean, std=std, blur=args.blur, batch_size=args.batch_size,
                             workers=args.workers, device=device, seed=args.seed)
-    return ours, changed, peer, loader
+    return ours, peers, loader

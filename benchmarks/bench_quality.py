@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_quality.py                          # CPU default: width 0.25, 5k/1k, 2 epochs
     .venv/bin/python benchmarks/bench_quality.py --epochs 5 --seed 1
-    .venv/bin/python benchmarks/bench_quality.py --bf16 --channels-last --epochs 6   # faster on a bf16 CPU
+    .venv/bin/python benchmarks/bench_quality.py --peer-settings ours     # lightly given our bf16/channels_last
+    .venv/bin/python benchmarks/bench_quality.py --amp false              # ours in float32 on an AMX CPU
     .venv/bin/python benchmarks/bench_quality.py --device cuda --width 1 --train-limit 50000 --test-limit 10000 \\
         --epochs 100
 
@@ -11,8 +12,11 @@ Needs lightly (``pip install -e '.[bench]'``). Both sides train SimCLR for ``--e
 ``benchmarks/bench_peer.py``: the same ResNet-18 (CIFAR stem) at ``--width`` starting from the same weights, head
 512w-512w-128w, NT-Xent at temperature 0.5, Adam lr 1e-3 (weight decay 1e-6) on the same cosine schedule without
 warm-up, batch ``--batch-size``, blur probability ``--blur`` (default 0, lightly's CIFAR setting). Ours trains
-with ``run.train_epoch`` (batched augmentation on the device); lightly with ``SimCLRTransform`` per PIL image in a
-DataLoader with ``--workers`` workers and its documented two-pass step. The sides alternate epoch by epoch.
+with ``run.train_epoch`` (batched augmentation on the device) and our trainer's defaults (bf16 autocast where the
+device computes bf16 natively, GPUs and AMX CPUs; channels_last); lightly with ``SimCLRTransform`` per PIL image
+in a DataLoader with ``--workers`` workers and its documented two-pass step, in float32 as documented
+(``--peer-settings ours``: with our network settings instead). The sides alternate epoch by epoch. Speed must not
+come from cutting corners: this is where our bf16 is held against lightly's float32.
 
 Evaluation is one function for both: ``csl.evaluate.extract_features`` (the encoder's pooled vector in eval mode,
 on un-augmented images normalised with the training set's mean and std by ``run.pipeline.eval_view``), then
@@ -32,6 +36,7 @@ import time
 from _common import (
     LightlyTrainer,
     add_common_args,
+    add_network_args,
     close_iterator,
     default_width,
     describe_machine,
@@ -81,8 +86,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--knn-k", type=int, default=200)
     parser.add_argument("--knn-temperature", type=float, default=0.1)
-    parser.add_argument("--channels-last", action="store_true", help="CPU experiment: both sides, as on CUDA")
-    parser.add_argument("--bf16", action="store_true", help="CPU experiment: bf16 autocast, both sides, as on CUDA")
+    parser.add_argument("--peer-settings", default="documented", choices=LightlyTrainer.SETTINGS,
+                        help="lightly's network settings: as documented (float32) or ours")
+    add_network_args(parser)
     args = parser.parse_args()
 
     device = setup(args)
@@ -91,7 +97,8 @@ def main() -> None:
     config = simclr_config(width=width, batch_size=args.batch_size, device=device, seed=args.seed, blur=args.blur,
                            lr=args.lr, temperature=args.temperature, epochs=args.epochs, data=args.data)
     config.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature)
-    ours, changed, peer, loader = ours_and_lightly(config, train, test, args, width, device)
+    ours, peers, loader = ours_and_lightly(config, train, test, args, width, device, settings=(args.peer_settings,))
+    peer = peers[args.peer_settings]
     if len(loader) != ours.steps_per_epoch:
         raise RuntimeError(f"steps per epoch differ: ours {ours.steps_per_epoch}, lightly {len(loader)}")
 
@@ -100,8 +107,8 @@ def main() -> None:
           f"encoder weights")
     print(f"  {len(train)} training / {len(test)} test images, {args.epochs} epochs of {ours.steps_per_epoch} steps "
           f"(batch {args.batch_size}), Adam lr {args.lr} cosine, tau {args.temperature}, blur p={args.blur}; "
-          f"bf16 autocast {ours.autocast}, channels_last {ours.channels_last}"
-          + (f" (CPU experiment: {', '.join(changed)})" if changed else ""))
+          f"ours: bf16 autocast {ours.autocast}, channels_last {ours.channels_last}; lightly ({args.peer_settings}): "
+          f"bf16 autocast {peer.autocast}, channels_last {peer.channels_last}")
 
     total_steps = args.epochs * ours.steps_per_epoch
     for epoch in range(args.epochs):

@@ -35,7 +35,7 @@ from typing import Any
 # _common first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 from _common import (
     add_common_args,
-    cpu_overrides,
+    add_network_args,
     cycle_batches,
     default_width,
     describe_machine,
@@ -229,8 +229,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="blocks per side")
     parser.add_argument("--cached", type=int, default=4, help="precomputed batches of views for the model-only side")
     parser.add_argument("--profile", action="store_true", help="profile end-to-end steps instead of the comparison")
-    parser.add_argument("--channels-last", action="store_true", help="CPU experiment: as our trainer does on CUDA")
-    parser.add_argument("--bf16", action="store_true", help="CPU experiment: bf16 autocast, as on CUDA")
+    add_network_args(parser)
     parser.add_argument("--compile", action="store_true",
                         help="the trainer's compile option: torch.compile the model and the augmentation")
     args = parser.parse_args()
@@ -239,15 +238,15 @@ def main() -> None:
     width = default_width(args.width, device)
     train, test = load_pair(args.data, max(args.limit, args.batch_size), 256)
     config = {"method": args.method, "encoder": args.encoder, "width": width, "batch_size": args.batch_size,
-              "device": str(device), "seed": args.seed, "data": args.data, "compile": args.compile}
+              "device": str(device), "seed": args.seed, "data": args.data, "compile": args.compile,
+              "amp": args.amp, "channels_last": args.channels_last}
     run = Run(config, data=(train, test))
-    changed = cpu_overrides(run, channels_last=args.channels_last, bf16=args.bf16)
     batches = cycle_batches(run.train_data, args.batch_size, run.generator)
 
     encoder = resnet18_summary(width) if args.encoder == "resnet18" else f"{args.encoder} width x{width:g}"
     print(f"{args.method} training step, end to end vs model only: {describe_machine(device)}")
     print(f"  {encoder}; batch {args.batch_size}, {len(train)} images 32x32; bf16 autocast {run.autocast}, "
-          f"channels_last {run.channels_last}, compile {args.compile}" + (f" (CPU experiment: {', '.join(changed)})" if changed else ""))
+          f"channels_last {run.channels_last}, compile {args.compile}")
 
     if args.profile:
         profile_steps(run, batches, args.warmup + args.initial_warmup, args.steps)

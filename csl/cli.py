@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         config["method"] = args.method
     run = Run(config)
     print("config: " + " ".join(f"{a}={run.config[a]}" for a in ASPECTS) + f" data={run.config['data']} "
-          f"epochs={run.config['epochs']} device={run.device}", flush=True)
+          f"epochs={run.config['epochs']} device={run.device} precision={'bf16' if run.autocast else 'float32'}",
+          flush=True)
     if args.resume:
         run.load(args.resume)
     start = time.perf_counter()

@@ -33,7 +33,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "compile": False,
-    "amp": True,
+    "amp": True,  # bf16 autocast where the device computes bf16 natively: csl.train.native_bf16
     "channels_last": True,
     "encode_views": "joint",
     "knn_k": 200,

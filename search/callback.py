@@ -9,7 +9,7 @@ Child run of a trial:
 - tags ``mlflow.parentRunId`` (nesting), ``csl.trial_id`` (the Ray trial id), ``csl.status`` (running, finished,
   stopped, failed, diverged; interrupted while a stopped search waits for ``csl-search resume``), ``csl.error``
   (reason for failed / diverged), ``csl.retries``, ``csl.epochs_run``, ``csl.node_id`` / ``csl.node_ip`` /
-  ``csl.hostname`` (where it ran last), ``csl.label`` (the space's short name of the config), ``csl.config_hash``
+  ``csl.hostname`` (where it ran last), ``csl.precision`` (bf16 or float32: how), ``csl.label`` (the space's short name of the config), ``csl.config_hash``
   (the config as the searcher proposed it: ``search.tracking.config_fingerprint``);
 - every aspect and option of the config as it trains (preset and trainer defaults filled in) as a param under its
   flat name, plus ``variant`` for a neighbourhood space;
@@ -56,7 +56,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from search.status import ENDED, EPOCH_METRICS, MAX_TAG, RUN_STATUS, error_summary, planned_epochs, trial_status
+from search.status import ENDED, EPOCH_METRICS, MAX_TAG, NODE_KEYS, RUN_STATUS, error_summary, planned_epochs, trial_status
 from search.tracking import (
     CONFIG_TAG,
     ERROR_TAG,
@@ -325,10 +325,10 @@ class MlflowTrialCallback(Callback):
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
         self._logged_step[trial.trial_id] = epoch
-        node = tuple(result.get(k, "") for k in ("node_id", "node_ip", "hostname"))
+        node = tuple(result.get(k, "") for k in NODE_KEYS)
         if any(node) and self._node.get(trial.trial_id) != node:
             self._node[trial.trial_id] = node
-            for key, value in zip(("node_id", "node_ip", "hostname"), node):
+            for key, value in zip(NODE_KEYS, node):
                 self.client.set_tag(run_id, f"csl.{key}", str(value))
         if result.get("diverged"):
             self.client.set_tag(run_id, ERROR_TAG, str(result.get("error") or "loss became NaN/inf")[:MAX_TAG])

@@ -1,8 +1,8 @@
 """The search's tables, read from the Ray experiment folder and written with pyarrow.
 
 ``results.parquet``: one row per trial: ``trial_id``, ``trial_name``, ``status`` (finished, stopped, failed,
-diverged), ``error``, ``epochs`` run, ``planned_epochs``, ``wall_time_s``, where it ran (``node_id``,
-``node_ip``, ``hostname``), ``best_loss`` / ``best_knn_acc`` / ``best_probe_acc``, ``best_epoch`` (of the search
+diverged), ``error``, ``epochs`` run, ``planned_epochs``, ``wall_time_s``, where and how it ran
+(``node_id``, ``node_ip``, ``hostname``, ``precision``: bf16 or float32), ``best_loss`` / ``best_knn_acc`` / ``best_probe_acc``, ``best_epoch`` (of the search
 metric), ``last_<metric>`` for every epoch metric, ``mlflow_run_id``, then every key of the trial's config (aspects
 and hyperparameters) under its flat name.
 
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
 
-from search.status import EPOCH_METRICS, error_summary, planned_epochs, trial_status
+from search.status import EPOCH_METRICS, NODE_KEYS, error_summary, planned_epochs, trial_status
 
 STATUS_FILE = "trial_status.json"
 
@@ -47,7 +47,6 @@ class FinalStatus(Callback):
 
 
 BEST = {"loss": min, "knn_acc": max, "probe_acc": max}
-NODE_KEYS = ("node_id", "node_ip", "hostname")
 HISTORY_COLUMNS = ("trial_id", "epoch", *EPOCH_METRICS, "diverged", "time_total_s", "timestamp", "node_id")
 
 

@@ -20,6 +20,9 @@ EPOCH_METRICS = ("loss", "knn_acc", "probe_acc", "images_per_s", "epoch_time")
 ENDED = ("finished", "stopped", "diverged")  # a trial in one of these never trains again (failed ones may retry)
 FINAL = (*ENDED, "failed")
 RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "diverged": "FAILED"}
+# Where and how a trial ran, in every report and as csl.<key> tags: a cluster can mix GPUs with CPUs that have or
+# lack bf16 units, and a result read without its precision could not be compared.
+NODE_KEYS = ("node_id", "node_ip", "hostname", "precision")
 MAX_TAG = 4000  # characters kept of an error message (MLflow tags hold 8,000; the full text goes to error.txt)
 
 

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from search.status import ENDED, EPOCH_METRICS, MAX_TAG
+from search.status import ENDED, EPOCH_METRICS, MAX_TAG, NODE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def ended_results(runs: list[Any]) -> dict[str, dict[str, Any]]:
         if status == "diverged":
             result.update(loss=math.nan, error=tags.get(ERROR_TAG, "loss became NaN/inf"))
         result.update(epoch=int(tags.get("csl.epochs_run") or 0), diverged=int(status == "diverged"))
-        result.update({key: tags.get(f"csl.{key}", "") for key in ("node_id", "node_ip", "hostname")})
+        result.update({key: tags.get(f"csl.{key}", "") for key in NODE_KEYS})
         ended[tags[TRIAL_TAG]] = result
     return ended
 

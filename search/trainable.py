@@ -6,8 +6,9 @@ function; this module saves into a temporary folder, adds the epoch's result as 
 returns), and resumes from ``tune.get_checkpoint()`` when Tune restarts the trial (retry after a failure,
 resumed search, PBT exploit).
 
-Every report also says where the trial ran (Ray node id, node IP, hostname), so the results table can show how
-trials spread over a cluster.
+Every report also says where and how the trial ran (Ray node id, node IP, hostname, and ``precision``: bf16
+where ``amp`` found native bf16 on the trial's device, else float32), so the results table can show how trials
+spread over a cluster.
 
 A trial whose loss turns NaN/inf (``csl.train.Diverged``) does not raise, which would make Tune retry a config
 that diverges deterministically: it reports one last result with ``diverged=1`` and returns. That report carries
@@ -43,15 +44,21 @@ ENDED_ENV = "CSL_ENDED_TRIALS"  # path or URI of the ended-trials file: the last
 ENDED_FILE = "ended_trials.jsonl"
 
 
-def _node() -> dict[str, str]:
+def _node(config: Mapping[str, Any]) -> dict[str, str]:
     import ray
+
+    from csl.config import resolve
+    from csl.train import pick_device, uses_bf16
+
+    resolved = resolve(config)
+    precision = "bf16" if uses_bf16(resolved, pick_device(resolved["device"])) else "float32"
 
     try:
         node_id = ray.get_runtime_context().get_node_id()
         node_ip = ray.util.get_node_ip_address()
     except Exception:  # noqa: BLE001 - not inside Ray (a direct call in a debugger)
         node_id, node_ip = "", ""
-    return {"node_id": node_id, "node_ip": node_ip, "hostname": socket.gethostname()}
+    return {"node_id": node_id, "node_ip": node_ip, "hostname": socket.gethostname(), "precision": precision}
 
 
 def ended_lines(ended: Mapping[str, Mapping[str, Any]]) -> str:
@@ -108,7 +115,7 @@ def csl_trial(config: Mapping[str, Any]) -> None:
 
     from csl.train import Diverged, train
 
-    node = _node()
+    node = _node(config)
     metric_names: set[str] = set()
     reports = 0
 

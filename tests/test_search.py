@@ -23,6 +23,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import torch
+
+from csl.train import native_bf16
 
 from tests.conftest import REPO, free_port, search_env, stop_group
 
@@ -218,6 +221,8 @@ def test_trial_statuses_and_metric_history(main_search: dict[str, Any]) -> None:
     assert "diverged" in nan.data.tags["csl.error"]
     assert len(client.get_metric_history(nan.info.run_id, "diverged")) == 1
 
+    assert kids["base"].data.tags["csl.precision"] in ("bf16", "float32")
+
     nodata = kids["nodata"]
     assert nodata.data.tags["csl.status"] == "failed" and nodata.info.status == "FAILED"
     assert "nonexistent" in nodata.data.tags["csl.error"]
@@ -232,7 +237,7 @@ def test_results_and_history_read_back_with_pyarrow(main_search: dict[str, Any])
     assert results.schema.metadata[b"csl.metric"] == b"loss"
     for name, kind in [("trial_id", "string"), ("status", "string"), ("error", "string"), ("epochs", "int64"),
                        ("wall_time_s", "double"), ("node_id", "string"), ("hostname", "string"),
-                       ("best_loss", "double"), ("best_knn_acc", "double"), ("last_loss", "double"),
+                       ("precision", "string"), ("best_loss", "double"), ("best_knn_acc", "double"), ("last_loss", "double"),
                        ("mlflow_run_id", "string"), ("variant", "string"), ("temperature", "double"),
                        ("lr", "double"), ("similarity", "string"), ("epochs", "int64")]:  # fmt: skip
         assert str(results.schema.field(name).type) == kind, name
@@ -243,6 +248,8 @@ def test_results_and_history_read_back_with_pyarrow(main_search: dict[str, Any])
     assert rows["infonce"]["status"] == "stopped" and rows["infonce"]["epochs"] == 1
     assert {rows["base"]["status"], rows["lr3"]["status"]} & {"finished"}
     assert all(r["epochs"] == 2 for r in rows.values() if r["status"] == "finished")
+    # amp is on in every trial: bf16 exactly where this CPU computes it natively
+    assert rows["base"]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "float32")
 
     assert [f.name for f in history.schema][:3] == ["trial_id", "epoch", "loss"]
     per_trial: dict[str, list[int]] = {}

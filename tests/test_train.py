@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
+import torch
 
 import csl  # noqa: F401
+from csl.config import resolve
 from csl.data import load
 from csl.evaluate import extract_features, knn_accuracy
-from csl.train import Diverged, Run, train
-from tests.helpers import cifar_mini, tiny  # noqa: F401  (cifar_mini is a fixture)
+from csl.model import build_model
+from csl.train import Diverged, Run, native_bf16, train
+from tests.helpers import cifar_mini, random_images, tiny  # noqa: F401  (cifar_mini is a fixture)
+
+AMX = native_bf16(torch.device("cpu"))
 
 
 def next_step_loss(run: Run) -> float:
@@ -76,3 +82,33 @@ def test_simclr_learns_beyond_random_init() -> None:
     trained = knn(run)
     print(f"kNN at init {at_init:.3f}, after training {trained:.3f}")
     assert trained > at_init + 0.02, f"kNN accuracy {trained:.3f} after training vs {at_init:.3f} at init"
+
+
+@pytest.mark.parametrize(("amx", "amp", "expected"), [(True, True, True), (False, True, False), (True, False, False)])
+def test_amp_takes_bf16_only_on_cpus_that_compute_it(amx: bool, amp: bool, expected: bool, monkeypatch,
+                                                     cifar_mini) -> None:
+    """bf16 convolutions without AMX are emulated and slower than float32, so ``amp`` must not switch them on
+    there. The processor check is the one thing replaced here: this machine has AMX or lacks it, not both."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    run = Run(tiny(method="simclr", amp=amp), data=cifar_mini)
+    assert run.autocast is expected
+    assert torch.isfinite(run.train_step(*next(iter(run.train_data.batches(16, run.generator)))))
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU has no AMX: amp leaves it in float32")
+@pytest.mark.parametrize("method", ["simclr", "byol", "moco_v2", "amdim", "cpc_v2", "yadim"])
+def test_cpu_bf16_loss_matches_float32(method: str) -> None:
+    """What ``amp`` does on an AMX CPU: the same weights and views give the float32 loss to bf16's precision.
+    AMDIM compares without its 5:5 term, whose random anchor locations are drawn anew on each call."""
+    torch.manual_seed(0)
+    cfg = resolve(tiny(method=method, **({"comparisons": "1:5, 1:7"} if method == "amdim" else {})))
+    pipeline, model = build_model(cfg, image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    views = pipeline(random_images(16), torch.Generator().manual_seed(0))
+    model.train()
+    mixed_model = copy.deepcopy(model)  # before any forward: MoCo's forward enqueues its keys
+    reference, _ = model(*views)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = mixed_model(*views)
+    mixed, reference = mixed.detach().double(), reference.detach().double()
+    error = float((mixed - reference).abs() / reference.abs().clamp(min=1e-12))
+    assert error < 5e-2, f"{method}: bf16 loss {float(mixed):.5f} vs float32 {float(reference):.5f}"
