@@ -250,14 +250,17 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def simclr_config(*, width: float, batch_size: int, device: torch.device, seed: int, blur: float, lr: float,
-                  temperature: float, epochs: int = 1, data: str = DEFAULT_DATA) -> dict[str, Any]:
+                  temperature: float, epochs: int = 1, data: str = DEFAULT_DATA, head: str = "mlp_bn"
+                  ) -> dict[str, Any]:
     """Our simclr preset with a ResNet-18 and the head lightly's docs use, scaled with the width.
 
     lightly's CIFAR example uses SimCLRProjectionHead(512, 512, 128) on a ResNet-18; at width w both heads are
-    (512w -> 512w -> 128w). Adam, weight decay 1e-6 (the preset's), no warm-up: the cosine schedule from step 0.
+    (512w -> 512w -> 128w), and our ``mlp_bn`` head has its layers (a BatchNorm after the last one too; the
+    preset's ``mlp`` has none there). Adam, weight decay 1e-6 (the preset's), no warm-up: the cosine schedule from
+    step 0.
     """
     return {
-        "method": "simclr", "encoder": "resnet18", "width": width, "batch_size": batch_size,
+        "method": "simclr", "encoder": "resnet18", "width": width, "batch_size": batch_size, "head": head,
         "proj_hidden": scaled(512, width), "proj_dim": scaled(128, width), "temperature": temperature,
         "optimizer": "adam", "lr": lr, "weight_decay": 1e-6, "warmup_epochs": 0, "epochs": epochs,
         "blur_prob": blur, "device": str(device), "seed": seed, "data": data,

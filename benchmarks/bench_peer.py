@@ -13,8 +13,8 @@ shared CIFAR-10 parquet (decoded once, not timed), 32x32, batch ``--batch-size``
 
 - the same network: our ``resnet18`` (CIFAR stem: 3x3 conv, no max-pool) at ``--width``; lightly's backbone is
   that very encoder wrapped to return its pooled vector, and starts from the same weights;
-- the same head sizes: lightly's ``SimCLRProjectionHead(512w, 512w, 128w)``, ours ``proj_hidden=512w,
-  proj_dim=128w`` (lightly's head adds a BatchNorm after its last layer; ours has none);
+- the same head: lightly's ``SimCLRProjectionHead(512w, 512w, 128w)``, ours ``head=mlp_bn, proj_hidden=512w,
+  proj_dim=128w`` (the same layers: Linear, BatchNorm, ReLU, Linear, BatchNorm);
 - the same loss and optimiser settings: NT-Xent at temperature 0.5 (``lightly.loss.NTXentLoss`` / ours), Adam
   lr 1e-3, weight decay 1e-6;
 - the same augmentation recipe (random resized crop 0.08-1, flip, colour jitter 0.8/0.8/0.8/0.2 at p 0.8,

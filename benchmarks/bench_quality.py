@@ -10,7 +10,8 @@
 Needs lightly (``pip install -e '.[bench]'``). Both sides train SimCLR for ``--epochs`` on the first
 ``--train-limit`` images of the shared CIFAR-10 parquet (class-balanced), with the set-up of
 ``benchmarks/bench_peer.py``: the same ResNet-18 (CIFAR stem) at ``--width`` starting from the same weights, head
-512w-512w-128w, NT-Xent at temperature 0.5, Adam lr 1e-3 (weight decay 1e-6) on the same cosine schedule without
+512w-512w-128w of the same layers (ours ``mlp_bn``; ``--head mlp`` gives ours the simclr preset's head, without
+the last BatchNorm), NT-Xent at temperature 0.5, Adam lr 1e-3 (weight decay 1e-6) on the same cosine schedule without
 warm-up, batch ``--batch-size``, blur probability ``--blur`` (default 0, lightly's CIFAR setting). Ours trains
 with ``run.train_epoch`` (batched augmentation on the device) and our trainer's defaults (bf16 autocast where the
 device computes bf16 natively, GPUs and AMX CPUs; channels_last); lightly with ``SimCLRTransform`` per PIL image
@@ -51,6 +52,7 @@ import torch
 
 # isort: on
 from csl.evaluate import extract_features, knn_accuracy
+from csl.extract.heads import HEADS
 from csl.optim import lr_factor
 
 
@@ -89,13 +91,15 @@ def main() -> None:
     parser.add_argument("--peer-settings", default="documented", choices=LightlyTrainer.SETTINGS,
                         help="lightly's network settings: as documented (float32) or ours")
     add_network_args(parser)
+    parser.add_argument("--head", default="mlp_bn", choices=HEADS, help="our projection head (default: lightly's layers)")
     args = parser.parse_args()
 
     device = setup(args)
     width = default_width(args.width, device)
     train, test = load_pair(args.data, args.train_limit, args.test_limit)
     config = simclr_config(width=width, batch_size=args.batch_size, device=device, seed=args.seed, blur=args.blur,
-                           lr=args.lr, temperature=args.temperature, epochs=args.epochs, data=args.data)
+                           lr=args.lr, temperature=args.temperature, epochs=args.epochs, data=args.data,
+                           head=args.head)
     config.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature)
     ours, peers, loader = ours_and_lightly(config, train, test, args, width, device, settings=(args.peer_settings,))
     peer = peers[args.peer_settings]
@@ -103,7 +107,7 @@ def main() -> None:
         raise RuntimeError(f"steps per epoch differ: ours {ours.steps_per_epoch}, lightly {len(loader)}")
 
     print(f"SimCLR kNN accuracy, ours vs lightly {__import__('lightly').__version__}: {describe_machine(device)}")
-    print(f"  {resnet18_summary(width)}; head ->{config['proj_hidden']}->{config['proj_dim']}; same initial "
+    print(f"  {resnet18_summary(width)}; head {args.head} ->{config['proj_hidden']}->{config['proj_dim']}; same initial "
           f"encoder weights")
     print(f"  {len(train)} training / {len(test)} test images, {args.epochs} epochs of {ours.steps_per_epoch} steps "
           f"(batch {args.batch_size}), Adam lr {args.lr} cosine, tau {args.temperature}, blur p={args.blur}; "

@@ -12,7 +12,8 @@ the script prints a line per evaluation and the first time the target is met, an
 
 The recipe is lightly's CIFAR-10 benchmark for SimCLR (lightly 1.6 ``benchmarks/imagenette``/``cifar10``
 scripts: ResNet-18 with a CIFAR stem, batch 512, SGD lr 0.06 x batch/128, momentum 0.9, weight decay 5e-4, cosine
-schedule over the epochs without warm-up, NT-Xent at temperature 0.5, projection head 512 -> 512 -> 128, colour
+schedule over the epochs without warm-up, NT-Xent at temperature 0.5, projection head 512 -> 512 -> 128 with
+lightly's layers (ours ``mlp_bn``: a BatchNorm after the last layer too; ``--head mlp`` for the preset's), colour
 jitter strength 0.5, no blur), so the accuracy can be set beside the figures that benchmark publishes. The shared
 CIFAR-10 copy is JPEG-compressed; its accuracies run 2-3 points under the original's (``../shared/data/README.md``).
 """
@@ -27,6 +28,7 @@ import time
 # _common first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 from _common import add_common_args, describe_machine, load_pair, resnet18_summary, setup, sync
 from csl.encoders._common import scaled
+from csl.extract.heads import HEADS
 from csl.train import Run
 
 # isort: on
@@ -35,7 +37,7 @@ from csl.train import Run
 def recipe(args: argparse.Namespace, device: str) -> dict:
     """Our flat config for lightly's CIFAR-10 SimCLR benchmark recipe (see the module docstring)."""
     return {
-        "method": "simclr", "encoder": "resnet18", "width": args.width, "batch_size": args.batch_size,
+        "method": "simclr", "encoder": "resnet18", "head": args.head, "width": args.width, "batch_size": args.batch_size,
         "proj_hidden": scaled(512, args.width), "proj_dim": scaled(128, args.width), "temperature": args.temperature,
         "optimizer": "sgd", "lr": args.lr if args.lr is not None else 0.06 * args.batch_size / 128,
         "sgd_momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0, "epochs": args.epochs,
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100, help="length of the learning-rate schedule")
     parser.add_argument("--lr", type=float, default=None, help="default: 0.06 x batch / 128 (lightly's)")
     parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--head", default="mlp_bn", choices=HEADS, help="projection head (default: lightly's layers)")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--target", type=float, default=0.80)
     parser.add_argument("--stop-at-target", action="store_true")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from csl.extract.heads import HEADS
 from csl.registry import ASPECTS, ChoiceError
 
 # Options of the trainer, evaluation and data, with defaults. Aspect options live in the builders' signatures.
@@ -44,8 +45,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-# Trainer options whose values are names: the allowed ones (csl.model.encode_views says what the two do).
-TRAINER_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate")}
+# Options whose values are names, with the allowed ones, checked by resolve so that a space file naming a wrong one
+# fails when it is loaded (csl.model.encode_views says what the two views options do; csl.extract.heads the heads).
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS}
 
 
 def known_options() -> set[str]:
@@ -70,8 +72,8 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
             raise ChoiceError(f"unknown method '{method}'; choose one of: {', '.join(sorted(PRESETS))}")
         resolved.update(PRESETS[method])
     resolved.update({k: v for k, v in config.items() if v is not None})
-    for option, allowed in TRAINER_CHOICES.items():
-        if resolved[option] not in allowed:
+    for option, allowed in OPTION_CHOICES.items():
+        if option in resolved and resolved[option] not in allowed:
             raise ChoiceError(f"unknown {option} '{resolved[option]}'; choose one of: {', '.join(allowed)}")
     for aspect, registry in ASPECTS.items():
         if aspect not in resolved:

@@ -171,3 +171,36 @@ def test_separate_views_train(method: str, cifar_mini) -> None:
 def test_encode_views_takes_only_its_two_values() -> None:
     with pytest.raises(ChoiceError, match="encode_views 'both'; choose one of: joint, separate"):
         resolve(tiny(method="simclr", encode_views="both"))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp_bn"])
+def test_projection_heads_match_their_formula(kind: str) -> None:
+    """mlp: W2·relu(bn(W1·x)) + b2; mlp_bn: bn(W2·relu(bn(W1·x))) with no biases (SimCLR's code, lightly's
+    SimCLRProjectionHead). Batch norm written out by hand: training mode, batch statistics, biased variance."""
+    from csl.extract.heads import Head
+
+    torch.manual_seed(0)
+    head = Head(kind, 12, 20, 6)
+    x = torch.randn(32, 12)
+
+    def bn(h: torch.Tensor) -> torch.Tensor:
+        return (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5)
+
+    w1, w2 = head.net[0].weight, head.net[3].weight
+    expected = torch.relu(bn(x @ w1.T)) @ w2.T
+    if kind == "mlp":
+        expected = expected + head.net[3].bias
+    else:
+        assert head.net[3].bias is None
+        expected = bn(expected)
+    torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-4)
+    # a map's locations (N×L×C) go through the same head, as AMDIM's 1×1 embedding
+    assert head(torch.randn(4, 8, 12)).shape == (4, 8, 6)
+
+
+def test_mlp_bn_head_is_a_config_choice(cifar_mini) -> None:
+    run = Run(tiny(method="simclr", head="mlp_bn"), data=cifar_mini)
+    assert isinstance(run.model.extract.head.net[-1], torch.nn.BatchNorm1d)
+    assert torch.isfinite(run.train_step(*next(iter(run.train_data.batches(16, run.generator)))))
+    with pytest.raises(ChoiceError, match="head 'mlp_batchnorm'; choose one of: none, linear, mlp, mlp_bn"):
+        resolve(tiny(method="simclr", head="mlp_batchnorm"))  # so a space file naming it fails when loaded

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-HEADS = ("none", "linear", "mlp")
+HEADS = ("none", "linear", "mlp", "mlp_bn")
 
 
 class Head(nn.Module):
-    """none: identity; linear: one layer; mlp: Linear → BatchNorm → ReLU → Linear (SimCLR v1, BYOL, MoCo v2)."""
+    """none: identity; linear: one layer; mlp: Linear → BatchNorm → ReLU → Linear (BYOL, MoCo v2); mlp_bn: the same
+    with a BatchNorm after the last layer too, and no biases (SimCLR's reference code, lightly's
+    ``SimCLRProjectionHead``), so the contrasted vectors are standardised per dimension over the batch."""
 
     def __init__(self, kind: str, in_dim: int, hidden: int | None, out_dim: int) -> None:
         super().__init__()
@@ -31,7 +33,8 @@ class Head(nn.Module):
                 nn.Linear(in_dim, hidden, bias=False),
                 nn.BatchNorm1d(hidden),
                 nn.ReLU(inplace=True),
-                nn.Linear(hidden, out_dim),
+                nn.Linear(hidden, out_dim, bias=kind == "mlp"),
+                *([nn.BatchNorm1d(out_dim)] if kind == "mlp_bn" else []),
             )
             self.out_dim = out_dim
 

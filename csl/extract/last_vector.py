@@ -60,5 +60,6 @@ class LastVector(nn.Module):
 @EXTRACT.register("last_vector")
 def last_vector(*, vector_dim: int, head: str = "mlp", proj_hidden: int | None = None,
                 proj_dim: int = 128, predictor: bool = False, pred_hidden: int | None = None) -> LastVector:
-    """head: none | linear | mlp. predictor: BYOL's online-only MLP on top of the projection."""
+    """head: none | linear | mlp | mlp_bn (csl.extract.heads). predictor: BYOL's online-only MLP on top of the
+    projection."""
     return LastVector(vector_dim, head, proj_hidden, proj_dim, predictor, pred_hidden)
