@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--peer-settings", default="documented", choices=LightlyTrainer.SETTINGS,
                         help="lightly's network settings: as documented (float32) or ours")
     add_network_args(parser)
+    parser.add_argument("--encode-views", default="joint", choices=("joint", "separate"),
+                        help="our encode_views option ('separate': batch norm sees one view at a time, as lightly's)")
     parser.add_argument("--head", default="mlp_bn", choices=HEADS, help="our projection head (default: lightly's layers)")
     args = parser.parse_args()
 
@@ -100,14 +102,14 @@ def main() -> None:
     config = simclr_config(width=width, batch_size=args.batch_size, device=device, seed=args.seed, blur=args.blur,
                            lr=args.lr, temperature=args.temperature, epochs=args.epochs, data=args.data,
                            head=args.head)
-    config.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature)
+    config.update(knn_k=args.knn_k, knn_temperature=args.knn_temperature, encode_views=args.encode_views)
     ours, peers, loader = ours_and_lightly(config, train, test, args, width, device, settings=(args.peer_settings,))
     peer = peers[args.peer_settings]
     if len(loader) != ours.steps_per_epoch:
         raise RuntimeError(f"steps per epoch differ: ours {ours.steps_per_epoch}, lightly {len(loader)}")
 
     print(f"SimCLR kNN accuracy, ours vs lightly {__import__('lightly').__version__}: {describe_machine(device)}")
-    print(f"  {resnet18_summary(width)}; head {args.head} ->{config['proj_hidden']}->{config['proj_dim']}; same initial "
+    print(f"  {resnet18_summary(width)}; encode_views {args.encode_views}; head {args.head} ->{config['proj_hidden']}->{config['proj_dim']}; same initial "
           f"encoder weights")
     print(f"  {len(train)} training / {len(test)} test images, {args.epochs} epochs of {ours.steps_per_epoch} steps "
           f"(batch {args.batch_size}), Adam lr {args.lr} cosine, tau {args.temperature}, blur p={args.blur}; "
