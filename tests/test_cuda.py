@@ -132,6 +132,15 @@ def test_compiled_model_gives_the_eager_loss(cifar_mini) -> None:
     compiled.train_epoch()  # the compiled backward and optimiser step run too
 
 
+@pytest.mark.parametrize("method", ["simclr", "moco_v2"])
+def test_separate_view_passes_train_on_cuda(method: str, cifar_mini) -> None:
+    """encode_views=separate with the CUDA defaults (bf16, channels_last), eager and compiled."""
+    for compile_model in (False, True):
+        run = Run(tiny(method=method, device="cuda", encode_views="separate", compile=compile_model), data=cifar_mini)
+        assert run.autocast
+        assert torch.isfinite(torch.tensor(run.train_epoch()["loss"]))
+
+
 @pytest.mark.parametrize("method", ["simclr", "byol", "amdim", "cpc_v2"])
 def test_compiled_augmentation_gives_the_eager_views(method: str) -> None:
     """The compiled pipeline draws the same parameters and computes the same views, to float32 reassociation."""
