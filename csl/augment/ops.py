@@ -9,7 +9,9 @@ Where an op is given a per-sample ``mask``, samples outside it are returned unch
 the selected samples only (``index_select``/``index_copy_``), which halves the cost of a p=0.5 blur and lets
 colour jitter run each adjustment on only the samples that take it at each step; elsewhere it runs on all
 samples and ``torch.where`` picks, because finding the selected samples would synchronise the host with the
-device.
+device. The CPU avoids ``torch.where`` altogether: with torch 2.14 it is 30-40x slower there than a subtraction
+over the same tensors (205 us against 5.6 us for 51x1x32x32 floats, one thread), so CPU code picks by selecting
+samples, or per pixel by multiplying with exact 0/1 masks.
 """
 
 from __future__ import annotations
@@ -171,10 +173,17 @@ def _hue_sextant(images: Tensor, value: Tensor, chroma: Tensor) -> Tensor:
     numerator is 0 too and the hue comes out 0, as torchvision's.
     """
     r, g, b = images[:, 0:1], images[:, 1:2], images[:, 2:3]
-    r_not_max, g_not_max = r < value, g < value
+    from_r = g - b
     from_g = (b - r).add_(chroma, alpha=2.0)
     from_b = (r - g).add_(chroma, alpha=4.0)
-    numerator = torch.where(r_not_max, torch.where(g_not_max, from_b, from_g), g - b)
+    if select_on_host(images):
+        # 0/1 masks: value >= every channel, so sign(value - channel) is 1 where the channel is not the maximum
+        r_not_max, g_not_max = (value - r).sign_(), (value - g).sign_()
+        # a·m + b·(1 - m) with m in {0, 1}: one term is exactly (±)0, so this picks exactly as where would
+        not_r = torch.addcmul(from_g.mul_(1.0 - g_not_max), from_b, g_not_max)
+        numerator = torch.addcmul(from_r.mul_(1.0 - r_not_max), not_r, r_not_max)
+    else:
+        numerator = torch.where(r < value, torch.where(g < value, from_b, from_g), from_r)
     return numerator.div_(chroma.clamp_min(1e-12))
 
 
@@ -263,6 +272,8 @@ def _color_jitter_blended(
 
 def grayscale(images: Tensor, mask: Tensor) -> Tensor:
     """Replace the samples in mask by their luma on all three channels."""
+    if select_on_host(images):
+        return on_samples(images, mask, lambda x, select: rgb_to_gray(x).expand_as(x))
     return torch.where(_per_sample(mask), rgb_to_gray(images).expand_as(images), images)
 
 
@@ -306,12 +317,15 @@ def gaussian_blur(
 
 def solarize(images: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
     """Invert the pixels at or above threshold in the samples in mask."""
-    if threshold == 0.5:
-        # for x in [0, 1], min(x, 1 - x) inverts exactly the x >= 0.5, with no per-pixel branch
-        solarized = torch.minimum(images, 1.0 - images)
-    else:
-        solarized = torch.where(images >= threshold, 1.0 - images, images)
-    return torch.where(_per_sample(mask), solarized, images)
+    def invert(x: Tensor, select: Select) -> Tensor:
+        if threshold == 0.5:
+            # for x in [0, 1], min(x, 1 - x) inverts exactly the x >= 0.5, with no per-pixel branch
+            return torch.minimum(x, 1.0 - x)
+        return torch.where(x >= threshold, 1.0 - x, x)
+
+    if select_on_host(images):
+        return on_samples(images, mask, invert)
+    return torch.where(_per_sample(mask), invert(images, slice(None)), images)
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor, out: Tensor | None = None) -> Tensor:

@@ -64,7 +64,8 @@ class Pipeline:
         The random draws stay eager (they use the run's generator, which compiled code does not take), so the
         views are the same as uncompiled ones up to floating-point reassociation. The CPU keeps the eager path:
         there masked ops work on just the selected samples, a data-dependent shape that compiled code would
-        recompile for at every batch.
+        recompile for at every batch (and compiling the all-samples form instead measured 3x slower than eager
+        there: 2,483 against 7,871 images/s for SimCLR's two views, one thread).
         """
         if not ops.select_on_host(torch.empty(0, device=device)):
             self._apply = torch.compile(apply_views, dynamic=False)
