@@ -93,7 +93,8 @@ def main() -> None:
     add_network_args(parser)
     parser.add_argument("--encode-views", default="joint", choices=("joint", "separate"),
                         help="our encode_views option ('separate': batch norm sees one view at a time, as lightly's)")
-    parser.add_argument("--head", default="mlp_bn", choices=HEADS, help="our projection head (default: lightly's layers)")
+    parser.add_argument("--head", default="mlp_bn", choices=HEADS,
+                        help="our projection head (default: lightly's layers)")
     args = parser.parse_args()
 
     device = setup(args)
@@ -109,7 +110,8 @@ def main() -> None:
         raise RuntimeError(f"steps per epoch differ: ours {ours.steps_per_epoch}, lightly {len(loader)}")
 
     print(f"SimCLR kNN accuracy, ours vs lightly {__import__('lightly').__version__}: {describe_machine(device)}")
-    print(f"  {resnet18_summary(width)}; encode_views {args.encode_views}; head {args.head} ->{config['proj_hidden']}->{config['proj_dim']}; same initial "
+    print(f"  {resnet18_summary(width)}; encode_views {args.encode_views}; head {args.head} "
+          f"->{config['proj_hidden']}->{config['proj_dim']}; same initial "
           f"encoder weights")
     print(f"  {len(train)} training / {len(test)} test images, {args.epochs} epochs of {ours.steps_per_epoch} steps "
           f"(batch {args.batch_size}), Adam lr {args.lr} cosine, tau {args.temperature}, blur p={args.blur}; "

@@ -37,7 +37,8 @@ from csl.train import Run
 def recipe(args: argparse.Namespace, device: str) -> dict:
     """Our flat config for lightly's CIFAR-10 SimCLR benchmark recipe (see the module docstring)."""
     return {
-        "method": "simclr", "encoder": "resnet18", "head": args.head, "width": args.width, "batch_size": args.batch_size,
+        "method": "simclr", "encoder": "resnet18", "head": args.head, "width": args.width,
+        "batch_size": args.batch_size,
         "proj_hidden": scaled(512, args.width), "proj_dim": scaled(128, args.width), "temperature": args.temperature,
         "optimizer": "sgd", "lr": args.lr if args.lr is not None else 0.06 * args.batch_size / 128,
         "sgd_momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0, "epochs": args.epochs,

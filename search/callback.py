@@ -9,8 +9,9 @@ Child run of a trial:
 - tags ``mlflow.parentRunId`` (nesting), ``csl.trial_id`` (the Ray trial id), ``csl.status`` (running, finished,
   stopped, failed, diverged; interrupted while a stopped search waits for ``csl-search resume``), ``csl.error``
   (reason for failed / diverged), ``csl.retries``, ``csl.epochs_run``, ``csl.node_id`` / ``csl.node_ip`` /
-  ``csl.hostname`` (where it ran last), ``csl.precision`` (bf16 or float32: how), ``csl.label`` (the space's short name of the config), ``csl.config_hash``
-  (the config as the searcher proposed it: ``search.tracking.config_fingerprint``);
+  ``csl.hostname`` (where it ran last), ``csl.precision`` (bf16 or float32: how), ``csl.label`` (the space's
+  short name of the config), ``csl.config_hash`` (the config as the searcher proposed it:
+  ``search.tracking.config_fingerprint``);
 - every aspect and option of the config as it trains (preset and trainer defaults filled in) as a param under its
   flat name, plus ``variant`` for a neighbourhood space;
 - per-epoch metrics with ``step=epoch``: loss, knn_acc, probe_acc, images_per_s, epoch_time (and ``diverged``=1 at
@@ -56,7 +57,16 @@ from typing import Any
 
 from ray.tune import Callback
 
-from search.status import ENDED, EPOCH_METRICS, MAX_TAG, NODE_KEYS, RUN_STATUS, error_summary, planned_epochs, trial_status
+from search.status import (
+    ENDED,
+    EPOCH_METRICS,
+    MAX_TAG,
+    NODE_KEYS,
+    RUN_STATUS,
+    error_summary,
+    planned_epochs,
+    trial_status,
+)
 from search.tracking import (
     CONFIG_TAG,
     ERROR_TAG,

@@ -2,9 +2,9 @@
 
 ``results.parquet``: one row per trial: ``trial_id``, ``trial_name``, ``status`` (finished, stopped, failed,
 diverged), ``error``, ``epochs`` run, ``planned_epochs``, ``wall_time_s``, where and how it ran
-(``node_id``, ``node_ip``, ``hostname``, ``precision``: bf16 or float32), ``best_loss`` / ``best_knn_acc`` / ``best_probe_acc``, ``best_epoch`` (of the search
-metric), ``last_<metric>`` for every epoch metric, ``mlflow_run_id``, then every key of the trial's config (aspects
-and hyperparameters) under its flat name.
+(``node_id``, ``node_ip``, ``hostname``, ``precision``: bf16 or float32), ``best_loss`` / ``best_knn_acc`` /
+``best_probe_acc``, ``best_epoch`` (of the search metric), ``last_<metric>`` for every epoch metric,
+``mlflow_run_id``, then every key of the trial's config (aspects and hyperparameters) under its flat name.
 
 ``history.parquet``: one row per trial per reported epoch: ``trial_id``, ``epoch``, the epoch metrics,
 ``diverged``, ``time_total_s``, ``timestamp``, ``node_id``.

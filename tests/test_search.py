@@ -237,7 +237,8 @@ def test_results_and_history_read_back_with_pyarrow(main_search: dict[str, Any])
     assert results.schema.metadata[b"csl.metric"] == b"loss"
     for name, kind in [("trial_id", "string"), ("status", "string"), ("error", "string"), ("epochs", "int64"),
                        ("wall_time_s", "double"), ("node_id", "string"), ("hostname", "string"),
-                       ("precision", "string"), ("best_loss", "double"), ("best_knn_acc", "double"), ("last_loss", "double"),
+                       ("precision", "string"), ("best_loss", "double"), ("best_knn_acc", "double"),
+                       ("last_loss", "double"),
                        ("mlflow_run_id", "string"), ("variant", "string"), ("temperature", "double"),
                        ("lr", "double"), ("similarity", "string"), ("epochs", "int64")]:  # fmt: skip
         assert str(results.schema.field(name).type) == kind, name

@@ -13,8 +13,8 @@ HEADS = ("none", "linear", "mlp", "mlp_bn")
 
 
 class Head(nn.Module):
-    """none: identity; linear: one layer; mlp: Linear → BatchNorm → ReLU → Linear (BYOL, MoCo v2); mlp_bn: the same
-    with a BatchNorm after the last layer too, and no biases (SimCLR's reference code, lightly's
+    """none: identity; linear: one layer; mlp: Linear → BatchNorm → ReLU → Linear (BYOL, MoCo v2); mlp_bn: the
+    same with a BatchNorm after the last layer too, and no biases (SimCLR's reference code, lightly's
     ``SimCLRProjectionHead``), so the contrasted vectors are standardised per dimension over the batch."""
 
     def __init__(self, kind: str, in_dim: int, hidden: int | None, out_dim: int) -> None:
