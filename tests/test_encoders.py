@@ -199,3 +199,26 @@ def test_build_from_flat_config():
     model = ENCODER.build_from_config("resnet18", config, context={})
     assert model.vector_dim == 32
     assert ENCODER.context("amdim") == []
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subsampled_shortcut_equals_a_strided_1x1_conv(channels_last):
+    """The ResNet shortcut that the CPU computes as subsample-then-conv gives a strided 1×1 convolution's output
+    and gradients (held against float64, which oneDNN does not take: on an AVX2 CPU its strided channels-last
+    kernel for these sizes hangs or returns wrong weight gradients), and loads its state dict."""
+    from csl.encoders.resnet import SubsampledConv1x1
+
+    ours = SubsampledConv1x1(4, 8, kernel_size=1, stride=2, bias=False)
+    reference = nn.Conv2d(4, 8, kernel_size=1, stride=2, bias=False).double()
+    reference.load_state_dict(ours.state_dict())
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(32, 4, 32, 32)
+    xa = x.clone().contiguous(memory_format=memory).requires_grad_()
+    xb = x.double().detach().requires_grad_()
+    out, expected = ours(xa), reference(xb)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    torch.testing.assert_close(ours.weight.grad.double(), reference.weight.grad, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=1e-5, atol=1e-4)

@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from csl.encoders._common import check_choice, check_positive, scaled
 from csl.registry import ENCODER
@@ -105,6 +106,28 @@ class ResNet(nn.Module):
             maps.append(x)
         vector = torch.flatten(self.avgpool(x), 1)
         return Features(vector=vector, maps=maps)
+
+
+class SubsampledConv1x1(nn.Conv2d):
+    """torchvision's strided ``conv1x1`` shortcut, computed on the CPU as subsampling then a unit-stride 1×1 conv.
+
+    Both give the same result: a 1×1 kernel at stride s reads exactly every s-th pixel. The reason is a oneDNN bug:
+    with torch 2.14.1 (oneDNN 3.12) on a CPU without AVX-512 (an AMD EPYC with AVX2), the strided 1×1 backward-
+    weights kernel it picks for channels-last inputs never returns, or crashes, for 3 to 5 input channels (N=32,
+    4→8 channels, 32×32, stride 2: the layer2 shortcut of a 1/16-wide ResNet-18 at batch 16). The unit-stride
+    kernel is not affected. Elsewhere (GPUs) the convolution runs strided as usual. A subclass of ``nn.Conv2d``,
+    so state dicts are torchvision's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and self.stride != (1, 1):
+            return F.conv2d(x[..., :: self.stride[0], :: self.stride[1]], self.weight, self.bias)
+        return super().forward(x)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """torchvision's ``conv1x1`` (no bias), as ``SubsampledConv1x1``."""
+    return SubsampledConv1x1(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 def _make_stage(
