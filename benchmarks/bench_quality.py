@@ -124,7 +124,7 @@ def main() -> None:
         peer_loss, peer_rate = lightly_epoch(peer, loader, epoch * len(loader), total_steps)
         print(f"  epoch {epoch + 1}/{args.epochs}: ours loss {metrics['loss']:.4f} ({metrics['images_per_s']:.0f} "
               f"img/s)   lightly loss {peer_loss:.4f} ({peer_rate:.0f} img/s)", flush=True)
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(peer_loss)):
+        if not (math.isfinite(metrics["ssl_loss"]) and math.isfinite(peer_loss)):
             raise SystemExit("a loss diverged")
 
     batch = max(256, args.batch_size)

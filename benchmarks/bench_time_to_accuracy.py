@@ -86,7 +86,7 @@ def main() -> None:
         knn = run.evaluate()["knn_acc"]
         sync(device)
         point = {"epoch": run.epoch, "minutes": (time.perf_counter() - start) / 60, "knn_acc": knn,
-                 "loss": metrics["loss"], "images_per_s": metrics["images_per_s"]}
+                 "loss": metrics["ssl_loss"], "images_per_s": metrics["images_per_s"]}
         curve.append(point)
         print(f"{point['epoch']:>6} {point['minutes']:>8.2f} {knn:>6.3f} {point['loss']:>7.3f} "
               f"{point['images_per_s']:>8.0f}", flush=True)

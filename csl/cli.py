@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from csl.config import TRAINER_DEFAULTS
+from csl.metrics import EPOCH_METRICS
 from csl.presets import PRESETS
 from csl.model import CombinationError
 from csl.registry import ASPECTS, ChoiceError
@@ -55,7 +56,7 @@ def print_choices() -> None:
 
 
 def progress_line(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
-    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "knn_acc", "probe_acc", "images_per_s", "epoch_time")
+    shown = " ".join(f"{k}={metrics[k]:.4g}" for k in EPOCH_METRICS
                      if k in metrics)
     return f"epoch {epoch}/{epochs} {shown}"
 

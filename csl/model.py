@@ -78,7 +78,7 @@ class NegativeQueue(nn.Module):
         positives = None if pairs.positives is None else torch.cat([pairs.positives, pad], dim=1)
         # Queued keys are appended after the batch's candidates, so a positive's column does not move.
         return Pairs(pairs.anchors, torch.cat([pairs.candidates, queued]), positives, exclude, pairs.name,
-                     positive_index=pairs.positive_index)
+                     positive_index=pairs.positive_index, weight=pairs.weight)
 
     @torch.no_grad()
     def push(self, pairs: Pairs) -> None:
@@ -118,7 +118,8 @@ class CSLModel(nn.Module):
         self.queue = NegativeQueue(loss.queue_size) if loss.queue_size else None
 
     def forward(self, view_a: Tensor, view_b: Tensor) -> tuple[Tensor, Tensor]:
-        """SSL loss of one batch of two views, and the online pooled vectors of view a (for the online probe)."""
+        """SSL loss of one batch of two views (its comparisons weighted by ``Pairs.weight``), and the online pooled
+        vectors of view a (for the online probe)."""
         n = view_a.shape[0]
         both = encode_views(self.encoder, view_a, view_b, separate=self.separate_views)
         embedded = self.extract.embed(both)
@@ -135,11 +136,12 @@ class CSLModel(nn.Module):
         all_pairs = self.extract.pairs(online_a, online_b, target_a, target_b)
         for pairs in all_pairs:
             extended = self.queue.extend(pairs) if self.queue is not None else pairs
-            total = total + self.loss(self.similarity(extended.anchors, extended.candidates), extended)
+            scores = self.similarity(extended.anchors, extended.candidates)
+            total = total + pairs.weight * self.loss(scores, extended)
         if self.queue is not None:
             for pairs in all_pairs:
                 self.queue.push(pairs)
-        return total / len(all_pairs), both.vector[:n]
+        return total, both.vector[:n]
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

@@ -172,7 +172,7 @@ class Run:
         self.epoch += 1
         if not math.isfinite(loss):
             raise Diverged(self.epoch, loss)
-        return {"loss": loss, "images_per_s": seen / elapsed, "epoch_time": elapsed}
+        return {"ssl_loss": loss, "images_per_s": seen / elapsed, "epoch_time": elapsed}
 
     def evaluate(self) -> dict[str, float]:
         batch = max(256, self.config["batch_size"])

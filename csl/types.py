@@ -47,6 +47,9 @@ class Pairs:
     exclude: M×K bool or None, candidates that are neither positive nor negative for that anchor (an anchor
     compared with itself in NT-Xent); losses mask them out, they never subtract them. A positive is never excluded.
     name: a label for the comparison (``"1:5"``, ``"k=2"``), used in logs.
+    weight: this comparison's weight in the model's loss, ``sum(weight * loss(scores, pairs))`` over the
+    extraction's comparisons. The extraction sets it as its reference combines its terms (a sum over steps or
+    scales, a mean over directions): a mean where the reference sums would scale the effective learning rate.
     """
 
     anchors: Tensor
@@ -55,6 +58,7 @@ class Pairs:
     exclude: Tensor | None = None
     name: str = ""
     positive_index: Tensor | None = None
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         if (self.positives is None) == (self.positive_index is None):
@@ -70,3 +74,10 @@ class Pairs:
         assert self.positive_index is not None
         columns = torch.arange(self.candidates.shape[0], device=self.positive_index.device)
         return self.positive_index[:, None] == columns[None, :]
+
+
+def averaged(comparisons: list[Pairs]) -> list[Pairs]:
+    """The comparisons weighted equally, weights summing to 1: the model's loss is their mean."""
+    for pairs in comparisons:
+        pairs.weight = 1.0 / len(comparisons)
+    return comparisons

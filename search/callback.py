@@ -167,7 +167,7 @@ class MlflowTrialCallback(Callback):
                 # (search.trainable): keep the run as it is.
                 self._final[trial_id] = status
                 self._ended.add(trial_id)
-            history = self.client.get_metric_history(run_id, "loss")
+            history = self.client.get_metric_history(run_id, "ssl_loss")
             self._logged_step[trial_id] = max((m.step for m in history), default=0)
             self._logged_config[trial_id] = dict(trial.config)
             if reopen and existing.info.status != "RUNNING" and trial_id not in self._final:

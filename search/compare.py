@@ -145,7 +145,7 @@ def _binner(values: list[Any]):
 def _best(client: Any, run: Any, metric: str, mode: str) -> tuple[float | None, int]:
     history = client.get_metric_history(run.info.run_id, metric)
     values = [m.value for m in history if m.value is not None and math.isfinite(m.value)]
-    epochs = max((m.step for m in client.get_metric_history(run.info.run_id, "loss")), default=0)
+    epochs = max((m.step for m in client.get_metric_history(run.info.run_id, "ssl_loss")), default=0)
     if not values:
         return None, epochs
     return (max(values) if mode == "max" else min(values)), epochs

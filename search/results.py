@@ -2,7 +2,7 @@
 
 ``results.parquet``: one row per trial: ``trial_id``, ``trial_name``, ``status`` (finished, stopped, failed,
 diverged), ``error``, ``epochs`` run, ``planned_epochs``, ``wall_time_s``, where and how it ran
-(``node_id``, ``node_ip``, ``hostname``, ``precision``: bf16 or float32), ``best_loss`` / ``best_knn_acc`` /
+(``node_id``, ``node_ip``, ``hostname``, ``precision``: bf16 or float32), ``best_ssl_loss`` / ``best_knn_acc`` /
 ``best_probe_acc``, ``best_epoch`` (of the search metric), ``last_<metric>`` for every epoch metric,
 ``mlflow_run_id``, then every key of the trial's config (aspects and hyperparameters) under its flat name.
 
@@ -46,7 +46,7 @@ class FinalStatus(Callback):
             f.write(json.dumps({t.trial_id: t.status for t in trials}).encode())
 
 
-BEST = {"loss": min, "knn_acc": max, "probe_acc": max}
+BEST = {"ssl_loss": min, "knn_acc": max, "probe_acc": max}
 HISTORY_COLUMNS = ("trial_id", "epoch", *EPOCH_METRICS, "diverged", "time_total_s", "timestamp", "node_id")
 
 
@@ -171,7 +171,7 @@ def to_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] = (), met
 
 RESULT_COLUMNS = (
     "trial_id", "trial_name", "status", "error", "epochs", "planned_epochs", "wall_time_s", *NODE_KEYS,
-    "best_loss", "best_knn_acc", "best_probe_acc", "best_epoch", *(f"last_{m}" for m in EPOCH_METRICS),
+    "best_ssl_loss", "best_knn_acc", "best_probe_acc", "best_epoch", *(f"last_{m}" for m in EPOCH_METRICS),
     "mlflow_run_id",
 )  # fmt: skip
 

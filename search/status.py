@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-EPOCH_METRICS = ("loss", "knn_acc", "probe_acc", "images_per_s", "epoch_time")
+from csl.metrics import EPOCH_METRICS  # noqa: F401 - re-exported: the one table of the trainer's metrics
+
 ENDED = ("finished", "stopped", "diverged")  # a trial in one of these never trains again (failed ones may retry)
 FINAL = (*ENDED, "failed")
 RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "diverged": "FAILED"}

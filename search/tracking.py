@@ -258,7 +258,7 @@ def ended_results(runs: list[Any]) -> dict[str, dict[str, Any]]:
             continue
         result: dict[str, Any] = {name: run.data.metrics.get(name, math.nan) for name in EPOCH_METRICS}
         if status == "diverged":
-            result.update(loss=math.nan, error=tags.get(ERROR_TAG, "loss became NaN/inf"))
+            result.update(ssl_loss=math.nan, error=tags.get(ERROR_TAG, "loss became NaN/inf"))
         result.update(epoch=int(tags.get("csl.epochs_run") or 0), diverged=int(status == "diverged"))
         result.update({key: tags.get(f"csl.{key}", "") for key in NODE_KEYS})
         ended[tags[TRIAL_TAG]] = result

@@ -46,7 +46,7 @@ def test_every_preset_trains_and_evaluates_on_cuda(method: str, cifar_mini) -> N
     """Two epochs on the GPU with the trainer's CUDA defaults (bf16, channels_last, fused optimiser)."""
     run = Run(tiny(method=method, device="cuda", epochs=2), data=cifar_mini)
     assert run.autocast and run.channels_last and run.train_data.images.is_cuda
-    losses = [run.train_epoch()["loss"] for _ in range(2)]
+    losses = [run.train_epoch()["ssl_loss"] for _ in range(2)]
     metrics = run.evaluate()
     assert all(torch.isfinite(torch.tensor(losses)))
     assert 0.0 <= metrics["knn_acc"] <= 1.0 and 0.0 <= metrics["probe_acc"] <= 1.0
@@ -138,7 +138,7 @@ def test_separate_view_passes_train_on_cuda(method: str, cifar_mini) -> None:
     for compile_model in (False, True):
         run = Run(tiny(method=method, device="cuda", encode_views="separate", compile=compile_model), data=cifar_mini)
         assert run.autocast
-        assert torch.isfinite(torch.tensor(run.train_epoch()["loss"]))
+        assert torch.isfinite(torch.tensor(run.train_epoch()["ssl_loss"]))
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol", "amdim", "cpc_v2"])

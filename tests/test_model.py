@@ -165,7 +165,7 @@ def test_separate_views_train(method: str, cifar_mini) -> None:
     """Momentum target and patch grids take the separate passes too."""
     run = Run(tiny(method=method, encode_views="separate"), data=cifar_mini)
     assert run.model.separate_views
-    assert torch.isfinite(torch.tensor(run.train_epoch()["loss"]))
+    assert torch.isfinite(torch.tensor(run.train_epoch()["ssl_loss"]))
 
 
 def test_encode_views_takes_only_its_two_values() -> None:

@@ -48,7 +48,7 @@ TINY_FIXED = """\
 # trial to report epoch 1 always goes on to the end.
 MAIN_SPACE = f"""\
 name: t_main
-metric: loss
+metric: ssl_loss
 mode: min
 budget: {{epochs: 2, grace_period: 1, reduction_factor: 4}}
 fixed:
@@ -84,7 +84,7 @@ constraints:
 # Two trials of one epoch (grid searcher), for resuming a search that has runs Tune never held.
 LOST_SPACE = f"""\
 name: t_lost
-metric: loss
+metric: ssl_loss
 mode: min
 budget: {{epochs: 1}}
 fixed:
@@ -147,7 +147,7 @@ def main_search(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) ->
 
 def test_search_prints_a_ranked_table_and_how_to_open_mlflow(main_search: dict[str, Any]) -> None:
     text = main_search["text"]
-    assert "ranked by best loss (min):" in text
+    assert "ranked by best ssl_loss (min):" in text
     assert "rank" in text and "variant" in text
     assert f"open it: {main_search['uri']}" in text
     assert "csl-search compare" in text
@@ -205,7 +205,7 @@ def test_trial_statuses_and_metric_history(main_search: dict[str, Any]) -> None:
         status = kid.data.tags["csl.status"]
         assert status in ("finished", "stopped")
         assert kid.info.status == run_status[status]
-        for metric in ("loss", "knn_acc", "probe_acc", "images_per_s", "epoch_time"):
+        for metric in ("ssl_loss", "knn_acc", "probe_acc", "images_per_s", "epoch_time"):
             steps = [m.step for m in client.get_metric_history(kid.info.run_id, metric)]
             assert steps == list(range(1, len(steps) + 1)), (metric, steps)
             assert len(steps) == int(kid.data.tags["csl.epochs_run"])
@@ -234,11 +234,11 @@ def test_results_and_history_read_back_with_pyarrow(main_search: dict[str, Any])
     results = pq.read_table(main_search["path"] / "results.parquet")
     history = pq.read_table(main_search["path"] / "history.parquet")
     assert results.num_rows == 6
-    assert results.schema.metadata[b"csl.metric"] == b"loss"
+    assert results.schema.metadata[b"csl.metric"] == b"ssl_loss"
     for name, kind in [("trial_id", "string"), ("status", "string"), ("error", "string"), ("epochs", "int64"),
                        ("wall_time_s", "double"), ("node_id", "string"), ("hostname", "string"),
-                       ("precision", "string"), ("best_loss", "double"), ("best_knn_acc", "double"),
-                       ("last_loss", "double"),
+                       ("precision", "string"), ("best_ssl_loss", "double"), ("best_knn_acc", "double"),
+                       ("last_ssl_loss", "double"),
                        ("mlflow_run_id", "string"), ("variant", "string"), ("temperature", "double"),
                        ("lr", "double"), ("similarity", "string"), ("epochs", "int64")]:  # fmt: skip
         assert str(results.schema.field(name).type) == kind, name
@@ -252,7 +252,7 @@ def test_results_and_history_read_back_with_pyarrow(main_search: dict[str, Any])
     # amp is on in every trial: bf16 exactly where this CPU computes it natively
     assert rows["base"]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "float32")
 
-    assert [f.name for f in history.schema][:3] == ["trial_id", "epoch", "loss"]
+    assert [f.name for f in history.schema][:3] == ["trial_id", "epoch", "ssl_loss"]
     per_trial: dict[str, list[int]] = {}
     for row in history.to_pylist():
         per_trial.setdefault(row["trial_id"], []).append(row["epoch"])
@@ -269,8 +269,8 @@ def test_compare_prints_top_configs_and_marginals(main_search: dict[str, Any], c
     assert main(["compare", "--mlflow-uri", main_search["uri"], "--experiment", "csl-test-main"]) == 0
     text = capsys.readouterr().out
     assert "top 6 configurations" in text
-    assert "variant: loss per value" in text  # the searched dimension
-    assert "similarity: loss per value" in text  # an aspect that took two values
+    assert "variant: ssl_loss per value" in text  # the searched dimension
+    assert "similarity: ssl_loss per value" in text  # an aspect that took two values
     assert "diverged" in text and "failed" in text
 
 
@@ -453,7 +453,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(tmp_path: Path, 
     assert parent.info.status == "FINISHED" and parent.data.tags["csl.resumes"] == "1"
     for run in after:
         assert run.info.status != "RUNNING" and run.data.tags["csl.status"] in STATUSES
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "ssl_loss")]
         assert steps == list(range(1, len(steps) + 1)), steps  # no epoch logged twice
         if run.info.run_id in completed:  # not rerun: untouched since the kill
             assert run.info.end_time == completed[run.info.run_id].info.end_time
@@ -489,7 +489,7 @@ class _Trial:
         return f"csl_trial_{self.trial_id}"
 
     def report(self, callback: Any, epoch: int) -> None:
-        self.last_result = {"epoch": epoch, "loss": 1.0 / epoch, "diverged": 0}
+        self.last_result = {"epoch": epoch, "ssl_loss": 1.0 / epoch, "diverged": 0}
         callback.on_trial_result(0, [], self, dict(self.last_result))
 
     def end(self, callback: Any) -> None:
@@ -517,7 +517,7 @@ def test_resume_adopts_or_retires_the_runs_of_trials_tune_lost(tmp_path: Path, m
     from search.trainable import ENDED_FILE, parse_ended
 
     client, experiment_id, parent = _lost_trials_parent(mlflow_server, "csl-test-lost")
-    first = MlflowTrialCallback(mlflow_server, experiment_id, parent, metric="loss", max_epochs=2)
+    first = MlflowTrialCallback(mlflow_server, experiment_id, parent, metric="ssl_loss", max_epochs=2)
     lrs = (1e-3, 2e-3, 3e-3, 4e-3, 5e-3)
     a, b, c, d, e = (_Trial(f"{x}0000000", _config(lr), tmp_path) for x, lr in zip("abcde", lrs))
     first.on_step_begin(0, [])
@@ -560,7 +560,7 @@ def test_resume_adopts_or_retires_the_runs_of_trials_tune_lost(tmp_path: Path, m
         kid = kids[f"{lost}1111111"]
         assert kid.info.run_id == runs[f"{lost}0000000"].info.run_id  # the replay continued the lost trial's run
         assert kid.data.tags[REPLAYS_TAG] == f"{lost}0000000" and kid.info.run_name == f"csl_trial_{lost}1111111"
-        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "loss")]
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "ssl_loss")]
         assert steps == [1] if lost == "c" else steps == [1, 2], (lost, steps)
     assert kids["c1111111"].info.end_time == runs["c0000000"].info.end_time  # its end stands untouched
     assert kids["c1111111"].data.tags["csl.status"] == "stopped"
@@ -578,7 +578,7 @@ def test_an_interrupted_resume_keeps_lost_runs_for_the_next_one(tmp_path: Path, 
     from search.callback import ORPHAN_TAG, MlflowTrialCallback
 
     client, experiment_id, parent = _lost_trials_parent(mlflow_server, "csl-test-lost-twice")
-    first = MlflowTrialCallback(mlflow_server, experiment_id, parent, metric="loss", max_epochs=2)
+    first = MlflowTrialCallback(mlflow_server, experiment_id, parent, metric="ssl_loss", max_epochs=2)
     a, b = _Trial("a0000000", _config(1e-3), tmp_path), _Trial("b0000000", _config(2e-3), tmp_path)
     first.on_step_begin(0, [])
     first.on_trial_start(0, [], a)
@@ -630,7 +630,7 @@ def test_resume_retires_a_run_left_running_for_a_trial_tune_never_held(tmp_path:
     tags = {"mlflow.parentRunId": parent, "csl.trial_id": "lost0000", "csl.status": "running",
             CONFIG_TAG: config_fingerprint({"lr": 2.0e-3})}  # fmt: skip
     orphan = client.create_run(state["experiment_id"], run_name="csl_trial_lost0000", tags=tags).info.run_id
-    client.log_metric(orphan, "loss", 5.0, step=1)
+    client.log_metric(orphan, "ssl_loss", 5.0, step=1)
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

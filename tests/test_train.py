@@ -48,7 +48,7 @@ def test_train_reports_each_epoch_and_resumes(tmp_path: Path, cifar_mini) -> Non
 
     final = train(tiny(method="simclr", encoder="resnet18", epochs=2), callback=callback, data=cifar_mini)
     assert [e for e, _ in seen] == [1, 2]
-    for key in ("loss", "knn_acc", "probe_acc", "images_per_s", "epoch_time"):
+    for key in ("ssl_loss", "knn_acc", "probe_acc", "images_per_s", "epoch_time"):
         assert key in final
     assert 0.0 <= final["knn_acc"] <= 1.0
     seen.clear()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from csl.extract.heads import Head, locations
 from csl.registry import EXTRACT
-from csl.types import Features, Pairs
+from csl.types import Features, Pairs, averaged
 
 
 class CausalBlock(nn.Module):
@@ -66,7 +66,7 @@ class CpcContext(nn.Module):
                 col = torch.arange(w, device=z.device)
                 positive = (img[:, None, None] * h * w + (rows[None, :, None] + k) * w + col[None, None, :]).reshape(-1)
                 result.append(Pairs(anchors, candidates, None, None, name=f"{view} k={k}", positive_index=positive))
-        return result
+        return averaged(result)
 
 
 @EXTRACT.register("cpc_context")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from csl.extract.heads import Head, locations
 from csl.extract.multiscale import same_image_pairs, scale_embeddings
 from csl.registry import EXTRACT
-from csl.types import Features, Pairs
+from csl.types import Features, Pairs, averaged
 
 
 class LastMap(nn.Module):
@@ -33,7 +33,7 @@ class LastMap(nn.Module):
             anchors, anchor_img = scale_embeddings(anchor_side, "map")
             candidates, cand_img = scale_embeddings(cand_side, "map")
             result.append(same_image_pairs(anchors, anchor_img, candidates, cand_img, name))
-        return result
+        return averaged(result)
 
 
 @EXTRACT.register("last_map")

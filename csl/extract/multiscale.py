@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from csl.extract.heads import Head, locations
 from csl.registry import EXTRACT
-from csl.types import Features, Pairs
+from csl.types import Features, Pairs, averaged
 
 SCALES = ("1", "5", "7")
 
@@ -97,7 +97,7 @@ class Multiscale(nn.Module):
                     result.append(Pairs(anchors, candidates, None, None, name, positive_index=anchor_img))
                 else:
                     result.append(same_image_pairs(anchors, anchor_img, candidates, cand_img, name))
-        return result
+        return averaged(result)
 
 
 @EXTRACT.register("multiscale")

@@ -15,7 +15,7 @@ import numpy as np
 METRIC_LABELS = {
     "knn_acc": "kNN accuracy (fraction)",
     "probe_acc": "online linear-probe accuracy (fraction)",
-    "loss": "SSL loss (nats)",
+    "ssl_loss": "SSL loss (nats)",
 }
 
 
