@@ -30,9 +30,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # predicts row r + i + 1), targets a 1×1 projection to 64, logits over all positions of all images. CPC's
     # bilinear score is the per-step head inside cpc_context, so the similarity is a plain dot (no √d, no clip).
     # Each patch augmented on its own (the paper's patch-based augmentation), with AMDIM's CIFAR ops.
-    # pl_bolts CPC v2: Adam 1e-4, batch 128, 8×8 patches with overlap 4 at 32×32. Deviations: one direction
-    # (south; the paper also predicts upwards: directions "south,north"), both views predicted and averaged (CPC
-    # uses one view per image).
+    # pl_bolts CPC v2: Adam 1e-4, batch 128, 8×8 patches with overlap 4 at 32×32. Deviations: one direction,
+    # south, as the pseudocode (the paper's text adds others: directions "south,north,east,west"); both views are
+    # predicted and averaged (CPC has one view per image; the framework makes two).
     "cpc_v2": {
         "augment": "cpc", "encoder": "cpc_resnet", "extract": "cpc_context", "similarity": "dot", "loss": "infonce",
         "scale_by_dim": False, "temperature": 1.0, "per_patch": True,
