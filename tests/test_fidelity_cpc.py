@@ -238,7 +238,7 @@ def test_pairs_follow_the_plan() -> None:
         view = embedded[number // len(plan)]
         assert pairs.name == f"{'ab'[number // len(plan)]} {direction} k={k}" and pairs.weight == 0.5
         expected = torch.cat([image * h * w + target_at for image in range(n)])
-        assert torch.equal(pairs.positive_index, expected)
+        assert pairs.positive_index.dtype == torch.int64 and torch.equal(pairs.positive_index, expected)
         assert torch.equal(pairs.candidates, view["targets"].reshape(n * h * w, -1))
 
 
