@@ -25,11 +25,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "comparisons": "1:5, 1:7, 5:5", "tclip": 20.0, "temperature": 1.0, "reg_weight": 0.05,
         "optimizer": "adam", "lr": 2e-4, "batch_size": 200, "weight_decay": 0.0,
     },
-    # Hénaff et al. 2019; pl_bolts CPC v2: Adam 1e-4, batch 128, 8×8 patches with overlap 4 at 32×32.
-    # CPC's bilinear score is the per-step prediction W_k inside cpc_context, so the similarity is a plain dot.
+    # Hénaff et al. 2019, appendix A.2 pseudocode CPC(latents, target_dim=64, emb_scale=0.1, steps_to_ignore=2,
+    # steps_to_predict=3) with its 5-block pixelCNN (256 hidden): one offset, 3 rows ahead (the loop's one i = 2
+    # predicts row r + i + 1), targets a 1×1 projection to 64, logits over all positions of all images. CPC's
+    # bilinear score is the per-step head inside cpc_context, so the similarity is a plain dot (no √d, no clip).
+    # Each patch augmented on its own (the paper's patch-based augmentation), with AMDIM's CIFAR ops.
+    # pl_bolts CPC v2: Adam 1e-4, batch 128, 8×8 patches with overlap 4 at 32×32. Deviations: one direction,
+    # south, as the pseudocode (the paper's text adds others: directions "south,north,east,west"); both views are
+    # predicted and averaged (CPC has one view per image; the framework makes two).
     "cpc_v2": {
         "augment": "cpc", "encoder": "cpc_resnet", "extract": "cpc_context", "similarity": "dot", "loss": "infonce",
-        "scale_by_dim": False, "context_steps": 3, "temperature": 1.0,
+        "scale_by_dim": False, "temperature": 1.0, "per_patch": True,
+        "steps_to_ignore": 2, "steps_to_predict": 3, "emb_scale": 0.1, "target_dim": 64, "context_blocks": 5,
+        "context_hidden": 256, "directions": "south",
         "optimizer": "adam", "lr": 1e-4, "batch_size": 128, "weight_decay": 0.0,
     },
     # Chen et al. 2020; pl_bolts SimCLR CIFAR: τ 0.5, MLP head 2048→2048→128, Adam 1e-3, warm-up 10 epochs.

@@ -216,38 +216,6 @@ def test_positive_mask_from_index() -> None:
         Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None, positive_index=index[:2])
 
 
-def grads_of(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Gradients of ``value`` with respect to every input, zero for an input it does not use (the other view)."""
-    grads = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
-
-
-def test_cpc_pairs_carry_positive_index_and_match_the_mask_path() -> None:
-    """Each CPC anchor (image i, row r, column c, step k)'s one positive is the embedding at (i, r + k, c)."""
-    torch.manual_seed(7)
-    n, h, w, d = 2, 4, 3, 6
-    extract = EXTRACT.build("cpc_context", map_channels=(d,), proj_dim=d, context_steps=3, context_blocks=1).double()
-    grid_a = torch.randn(n, h, w, d, dtype=torch.float64, requires_grad=True)
-    grid_b = torch.randn(n, h, w, d, dtype=torch.float64, requires_grad=True)
-    all_pairs = extract.pairs({"grid": grid_a}, {"grid": grid_b}, None, None)
-    assert len(all_pairs) == 6
-    for number, pairs in enumerate(all_pairs):
-        k, grid = number % 3 + 1, (grid_a, grid_b)[number // 3]
-        assert pairs.positives is None and pairs.positive_index is not None
-        assert pairs.positive_index.dtype == torch.int64
-        anchors = [(i, r, c) for i in range(n) for r in range(h - k) for c in range(w)]
-        assert len(anchors) == pairs.anchors.shape[0]
-        for m, (i, r, c) in enumerate(anchors):
-            assert torch.equal(pairs.candidates[pairs.positive_index[m]], grid[i, r + k, c])
-    similarity, loss = SIMILARITY.build("dot", scale_by_dim=False), LOSS.build("infonce")
-    inputs = [grid_a, grid_b, *extract.parameters()]
-    for pairs in all_pairs:
-        scores = similarity(pairs.anchors, pairs.candidates)  # float32, as every similarity scores
-        fast, masked = loss(scores, pairs), loss(scores, on_path(pairs, "mask"))
-        torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads_of(fast, inputs), grads_of(masked, inputs), rtol=1e-5, atol=1e-6)
-
-
 def test_multiscale_against_the_global_scale_gives_positive_index() -> None:
     """In 'a:1' the candidates are the N global vectors, so an anchor's one positive is its own image's vector."""
     torch.manual_seed(8)

@@ -13,6 +13,7 @@ that mean the same thing carry the same name in every pipeline that has them:
     translate_prob    probability that a view is translated
     patch_size        side of CPC's square patches (default image_size / 4)
     patch_overlap     pixels shared by neighbouring patches (default half a patch)
+    per_patch         CPC: every patch draws its own parameters (size-relative defaults count in patches)
 
 Each view draws its own parameters for every sample; the two views of an image are independent.
 """
@@ -34,7 +35,9 @@ Prob = float | tuple[float, float]
 class Pipeline:
     """Two random views per image, drawn independently for every sample and for each view.
 
-    ``patches`` tells whether views are patch grids N×P×3×p×p (CPC) rather than images N×3×S×S.
+    ``patches`` tells whether views are patch grids N×P×3×p×p (CPC) rather than images N×3×S×S. With
+    ``per_patch`` the image is cut into patches first and every patch of every view is a sample that draws its
+    own parameters (CPC v2); otherwise a view is augmented whole and then cut.
     """
 
     def __init__(
@@ -46,7 +49,10 @@ class Pipeline:
         std: tuple[float, ...],
         patch_size: int | None = None,
         patch_stride: int | None = None,
+        per_patch: bool = False,
     ) -> None:
+        if per_patch and patch_size is None:
+            raise ValueError("per_patch augmentation needs a patch_size")
         self.views = views
         self.image_size = image_size
         self.mean = tuple(mean)
@@ -54,6 +60,7 @@ class Pipeline:
         self.patch_size = patch_size
         self.patch_stride = patch_stride or patch_size
         self.patches = patch_size is not None
+        self.per_patch = per_patch
         self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._apply: ApplyViews = apply_views
 
@@ -73,8 +80,23 @@ class Pipeline:
     def __call__(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Two views of uint8 (0-255) or float (0-1) images N×3×H×W; the generator must be on their device."""
         mean, std = self._mean_std(images.device)
+        if self.per_patch:
+            return self._per_patch_views(images, generator, mean, std)
         views = augment_views(images, self.views, self.image_size, generator, mean, std, self._apply)
         first, second = self._patchify(views).chunk(2)
+        return first, second
+
+    def _per_patch_views(self, images: Tensor, generator: torch.Generator, mean: Tensor, std: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+        """Patches as samples: N×3×S×S → (N·P)×3×p×p augmented in one batch, then laid out as N×P grids."""
+        assert self.patch_size is not None and self.patch_stride is not None
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = ops.resize(ops.to_float(images), self.image_size)
+        patches = ops.patchify(images, self.patch_size, self.patch_stride)  # uint8 stays uint8 until augmented
+        n, p = patches.shape[:2]
+        size = self.patch_size
+        views = augment_views(patches.flatten(0, 1), self.views, size, generator, mean, std, self._apply)
+        first, second = views.view(len(self.views), n, p, *views.shape[1:]).unbind(0)
         return first, second
 
     def eval_view(self, images: Tensor) -> Tensor:
@@ -94,7 +116,8 @@ class Pipeline:
         return images
 
     def __repr__(self) -> str:
-        patches = f", patch_size={self.patch_size}, patch_stride={self.patch_stride}" if self.patches else ""
+        patches = (f", patch_size={self.patch_size}, patch_stride={self.patch_stride}, per_patch={self.per_patch}"
+                   if self.patches else "")
         return f"Pipeline(image_size={self.image_size}{patches}, views={self.views})"
 
 
@@ -208,22 +231,34 @@ def cpc(
     translate_prob: float = 0.8,
     patch_size: int | None = None,
     patch_overlap: int | None = None,
+    per_patch: bool = True,
 ) -> Pipeline:
-    """CPC v2 (Hénaff et al. 2019) on CIFAR, as pl_bolts' CPCTrainTransformsCIFAR10: AMDIM's ops, then patches.
+    """CPC v2 (Hénaff et al. 2019) on CIFAR: AMDIM's ops on every patch of a grid, as the paper augments patches.
 
     CPC predicts the features of patches below from the patches above, so each view is cut into a grid of
     overlapping patches (8×8 with overlap 4 at 32 px: stride 4, a 7×7 grid). By default the patch is
     image_size / 4 and the overlap half a patch, which keeps the 7×7 grid at any size (16/8 at 64 px, as pl_bolts
     on STL-10).
+
+    per_patch (default): the image is cut first and every patch of every view draws its own flip, translation,
+    colour jitter and grayscale, as CPC v2's patch-based augmentation (colour dropping and flips drawn per patch);
+    with one draw per view, a patch's neighbours share its colour shift, a low-level cue to predict them by.
+    Size-relative defaults then count in patches: translate_max defaults to patch_size / 8 (1 px on an 8 px
+    patch, not 4 px) and must be below patch_size. Deviation: the paper's per-patch ops are its own ImageNet set
+    (colour dropping, flips and more); here they are AMDIM's CIFAR ops, pl_bolts' choice for CPC on CIFAR.
+    per_patch=false is pl_bolts' CPCTrainTransformsCIFAR10: the ops on the whole view, then patches.
     """
     size = image_size // 4 if patch_size is None else patch_size
     overlap = size // 2 if patch_overlap is None else patch_overlap
     if not 0 <= overlap < size <= image_size:
         raise ValueError(f"need 0 <= patch_overlap < patch_size <= image_size, got {overlap}, {size}, {image_size}")
-    spec = _amdim_spec(image_size, jitter_strength, jitter_prob, grayscale_prob, translate_max, translate_prob)
-    return Pipeline(
-        (spec, spec), image_size=image_size, mean=mean, std=std, patch_size=size, patch_stride=size - overlap
-    )
+    if per_patch and translate_max is not None and not 0 <= translate_max < size:
+        raise ValueError(f"translate_max must lie in [0, patch_size) with per_patch, got {translate_max} for "
+                         f"{size} px patches")
+    spec = _amdim_spec(size if per_patch else image_size, jitter_strength, jitter_prob, grayscale_prob,
+                       translate_max, translate_prob)
+    return Pipeline((spec, spec), image_size=image_size, mean=mean, std=std, patch_size=size,
+                    patch_stride=size - overlap, per_patch=per_patch)
 
 
 @AUGMENT.register("yadim")
