@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from csl.loss import Loss
-from csl.registry import AUGMENT, ENCODER, EXTRACT, LOSS, SIMILARITY
+from csl.registry import AUGMENT, ENCODER, EXTRACT, LOSS, SIMILARITY, ChoiceError
 from csl.similarity import Similarity
 from csl.types import Features, Pairs
 
@@ -178,7 +178,13 @@ class CSLModel(nn.Module):
 def build_model(config: Mapping[str, Any], *, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
                 ) -> tuple[Any, CSLModel]:
     """Build the augmentation pipeline and the model from a resolved flat config (``csl.config.resolve``)."""
-    pipeline = AUGMENT.build_from_config(config["augment"], config, {"image_size": image_size, "mean": mean, "std": std})
+    context = {"image_size": image_size, "mean": mean, "std": std}
+    try:
+        pipeline = AUGMENT.build_from_config(config["augment"], config, context)
+    except ChoiceError:
+        raise
+    except ValueError as error:  # an option's value a pipeline rejects: one line naming it, as for unknown options
+        raise ChoiceError(f"augment '{config['augment']}': {error}") from error
     encoder = ENCODER.build_from_config(config["encoder"], config, {})
     map_channels = (encoder.vector_dim,) if pipeline.patches else tuple(encoder.map_channels)
     dims = {"vector_dim": encoder.vector_dim, "map_channels": map_channels}

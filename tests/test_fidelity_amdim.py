@@ -17,12 +17,14 @@ import math
 
 import pytest
 import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 import csl  # noqa: F401
-from csl.augment import Pipeline
+from csl.augment import Pipeline, ops
 from csl.config import resolve
 from csl.model import CSLModel, build_model, comparison_loss
-from csl.registry import EXTRACT
+from csl.registry import AUGMENT, EXTRACT
 from csl.types import Features
 from tests.helpers import random_images, tiny
 
@@ -202,3 +204,76 @@ def test_last_map_averages_its_two_directions() -> None:
     extract = EXTRACT.build("last_map", map_channels=(6,))
     maps = [extract.embed(Features(torch.randn(3, 6), [torch.randn(3, 6, 2, 2)])) for _ in range(2)]
     assert [p.weight for p in extract.pairs(*maps, None, None)] == [0.5, 0.5]
+
+
+# ---- augmentation defaults by image size --------------------------------------------------------------------------
+
+
+def pipeline_of(method: str, image_size: int, **overrides: object) -> Pipeline:
+    config = resolve(tiny(method=method, **overrides))
+    return AUGMENT.build_from_config(config["augment"], config, {"image_size": image_size, "mean": MEAN, "std": STD})
+
+
+def test_simclr_follows_the_image_size() -> None:
+    """pl_bolts simclr_module.py: cifar10 jitter_strength 0.5, gaussian_blur False; stl10/imagenet 1.0 and blur
+    (SimCLR's appendix B.9 for CIFAR-10). Jitter (0.8s, 0.8s, 0.8s, 0.2s), crop 0.08-1 at every size."""
+    cifar, stl = pipeline_of("simclr", 32), pipeline_of("simclr", 96)
+    for view in cifar.views:
+        assert view.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1)) and view.blur_prob == 0.0
+        assert view.crop_scale == (0.08, 1.0)
+    for view in stl.views:
+        assert view.jitter == pytest.approx((0.8, 0.8, 0.8, 0.2)) and view.blur_prob == 0.5
+        assert view.blur_kernel_size == 9 and view.crop_scale == (0.08, 1.0)  # int(0.1·96) made odd
+    assert cifar.image_size == 32 and stl.image_size == 96
+    explicit = pipeline_of("simclr", 32, jitter_strength=1.0, blur_prob=0.5)  # a user's value wins
+    assert explicit.views[0].jitter == pytest.approx((0.8, 0.8, 0.8, 0.2)) and explicit.views[0].blur_prob == 0.5
+
+
+@pytest.mark.parametrize("method", ["amdim", "yadim"])
+def test_dim_pipelines_follow_the_image_size(method: str) -> None:
+    """amdim-public datasets.py (TransformsC10 / TransformsSTL10 / TransformsImageNet128) and pl_bolts' AMDIM and
+    CPC transforms, of which YADIM is the union: at 32 px no crop, translate ≤ 4 px p=0.8; at STL-10's 96 px a
+    random resized crop to 64 (scale 0.3-1, ratio 0.7-1.4, bicubic), no translation; ImageNet: 128, hue 0.1."""
+    cifar, stl, imagenet = (pipeline_of(method, size) for size in (32, 96, 224))
+    assert (cifar.image_size, stl.image_size, imagenet.image_size) == (32, 64, 128)
+    assert stl.encoder_size == 64
+    for view in cifar.views:
+        assert view.crop_scale is None and (view.translate_max, view.translate_prob) == (4, 0.8)
+        assert view.jitter == (0.4, 0.4, 0.4, 0.2) and view.jitter_prob == 0.8 and view.grayscale_prob == 0.25
+    for pipeline, hue in ((stl, 0.2), (imagenet, 0.1)):
+        for view in pipeline.views:
+            assert view.crop_scale == (0.3, 1.0) and view.crop_ratio == (0.7, 1.4)
+            assert view.crop_interpolation == "bicubic" and view.translate_max == 0
+            assert view.jitter == (0.4, 0.4, 0.4, hue) and view.grayscale_prob == 0.25
+    for pipeline in (cifar, stl, imagenet):  # one flip per image, before both views
+        assert pipeline.shared_flip and all(view.flip_prob == 0 for view in pipeline.views)
+    explicit = pipeline_of(method, 96, view_size=96, crop_scale_min=0.5, shared_flip=False)
+    assert explicit.image_size == 96 and explicit.views[0].crop_scale == (0.5, 1.0)
+    assert not explicit.shared_flip and explicit.views[0].flip_prob == 0.5
+
+
+def test_shared_flip_gives_both_views_one_orientation() -> None:
+    """With every other op off, the two views of an image are equal, and about half the images are mirrored."""
+    images = torch.arange(32, dtype=torch.uint8).repeat(400, 3, 32, 1)  # a left-to-right ramp: a flip shows
+    off = {"jitter_prob": 0.0, "grayscale_prob": 0.0, "translate_prob": 0.0}
+    first, second = AUGMENT.build("amdim", image_size=32, mean=MEAN, std=STD, **off)(images, torch.Generator())
+    assert torch.equal(first, second)
+    mirrored = (first[:, 0, 0, 0] > first[:, 0, 0, -1]).float().mean()
+    assert 0.42 < float(mirrored) < 0.58
+    independent = AUGMENT.build("amdim", image_size=32, mean=MEAN, std=STD, shared_flip=False, **off)
+    first, second = independent(images, torch.Generator().manual_seed(0))
+    differ = (first != second).flatten(1).any(dim=1).float().mean()
+    assert 0.42 < float(differ) < 0.58
+
+
+def test_bicubic_crop_of_the_whole_image_is_torchvision_bicubic_resize() -> None:
+    """Downscaling the full image, where no tap falls outside the box: torchvision's tensor bicubic (a = −0.75),
+    clamped to [0, 1] as a uint8 image would be."""
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[0, 0, 32, 32]] * 4)
+    for size in (24, 16):
+        ours = ops.resized_crop(images, boxes, size, mode="bicubic")
+        theirs = F.resize(images, [size, size], InterpolationMode.BICUBIC, antialias=False).clamp(0, 1)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="bilinear' or 'bicubic"):
+        ops.resized_crop(images, boxes, 16, mode="nearest")
