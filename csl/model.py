@@ -185,7 +185,8 @@ def build_model(config: Mapping[str, Any], *, image_size: int, mean: tuple[float
         raise
     except ValueError as error:  # an option's value a pipeline rejects: one line naming it, as for unknown options
         raise ChoiceError(f"augment '{config['augment']}': {error}") from error
-    encoder = ENCODER.build_from_config(config["encoder"], config, {})
+    # the encoder is sized for what it sees: the pipeline's views, or its patches (an encoder's stem may follow it)
+    encoder = ENCODER.build_from_config(config["encoder"], config, {"image_size": pipeline.encoder_size})
     map_channels = (encoder.vector_dim,) if pipeline.patches else tuple(encoder.map_channels)
     dims = {"vector_dim": encoder.vector_dim, "map_channels": map_channels}
     try:

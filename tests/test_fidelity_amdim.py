@@ -24,7 +24,7 @@ import csl  # noqa: F401
 from csl.augment import Pipeline, ops
 from csl.config import resolve
 from csl.model import CSLModel, build_model, comparison_loss
-from csl.registry import AUGMENT, EXTRACT
+from csl.registry import AUGMENT, ENCODER, EXTRACT
 from csl.types import Features
 from tests.helpers import random_images, tiny
 
@@ -277,3 +277,29 @@ def test_bicubic_crop_of_the_whole_image_is_torchvision_bicubic_resize() -> None
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="bilinear' or 'bicubic"):
         ops.resized_crop(images, boxes, 16, mode="nearest")
+
+
+# ---- encoder layout by image size ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data_size", "stem", "side"), [(32, "cifar", 32), (96, "stl10", 64), (128, "imagenet", 128)])
+def test_amdim_encoder_layout_follows_the_image_size(data_size: int, stem: str, side: int) -> None:
+    """amdim-public get_encoder_size: CIFAR 32, STL-10 64 (its 96-px images cropped), ImageNet 128; the encoder is
+    built for the views it sees, and gives r7 7×7, r5 5×5 and r1 1×1 there."""
+    pipeline, model = build_model(resolve(tiny(method="amdim")), image_size=data_size, mean=MEAN, std=STD)
+    assert pipeline.encoder_size == side
+    explicit = ENCODER.build("amdim", width=1 / 16, ndf=64, n_rkhs=128, n_depth=1, stem=stem)
+    assert [type(m) for m in model.encoder.trunk] == [type(m) for m in explicit.trunk]
+    assert [tuple(p.shape) for p in model.encoder.parameters()] == [tuple(p.shape) for p in explicit.parameters()]
+    view_a, _ = pipeline(random_images(2, data_size), torch.Generator().manual_seed(0))
+    features = model.encoder(view_a)
+    assert [tuple(m.shape[-2:]) for m in features.maps] == [(7, 7), (5, 5)]
+
+
+def test_amdim_encoder_on_patches_and_explicit_stems() -> None:
+    """CPC's 8-px patches get the CIFAR layout; a user's stem wins over the size."""
+    _, model = build_model(resolve(tiny(method="cpc_v2", encoder="amdim")), image_size=32, mean=MEAN, std=STD)
+    cifar = ENCODER.build("amdim", width=1 / 16, ndf=64, n_rkhs=128, n_depth=1, stem="cifar")
+    assert [type(m) for m in model.encoder.trunk] == [type(m) for m in cifar.trunk]
+    _, model = build_model(resolve(tiny(method="amdim", stem="cifar")), image_size=96, mean=MEAN, std=STD)
+    assert [tuple(p.shape) for p in model.encoder.parameters()] == [tuple(p.shape) for p in cifar.parameters()]
