@@ -25,8 +25,9 @@ from csl.augment import Pipeline, ops
 from csl.config import resolve
 from csl.model import CSLModel, build_model, comparison_loss
 from csl.registry import AUGMENT, ENCODER, EXTRACT
+from csl.train import Run
 from csl.types import Features
-from tests.helpers import random_images, tiny
+from tests.helpers import cifar_mini, random_images, tiny  # noqa: F401  (cifar_mini is a fixture)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 TCLIP = 20.0
@@ -303,3 +304,17 @@ def test_amdim_encoder_on_patches_and_explicit_stems() -> None:
     assert [type(m) for m in model.encoder.trunk] == [type(m) for m in cifar.trunk]
     _, model = build_model(resolve(tiny(method="amdim", stem="cifar")), image_size=96, mean=MEAN, std=STD)
     assert [tuple(p.shape) for p in model.encoder.parameters()] == [tuple(p.shape) for p in cifar.parameters()]
+
+
+# ---- optimiser ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["amdim", "yadim"])
+def test_amdim_optimiser(method: str, cifar_mini) -> None:
+    """amdim-public task_self_supervised.py: Adam(lr, betas=(0.8, 0.999), weight_decay=1e-5, eps=1e-8); lr 2e-4."""
+    run = Run(tiny(method=method), data=cifar_mini)
+    assert isinstance(run.optimizer, torch.optim.Adam)
+    group = run.optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"], group["eps"], run.config["lr"]) == ((0.8, 0.999), 1e-5, 1e-8, 2e-4)
+    other = Run(tiny(method="simclr", adam_eps=1e-7), data=cifar_mini).optimizer.param_groups[0]
+    assert (other["betas"], other["eps"]) == ((0.9, 0.999), 1e-7)  # torch's betas where a preset sets none
