@@ -257,13 +257,14 @@ def simclr_config(*, width: float, batch_size: int, device: torch.device, seed: 
     lightly's CIFAR example uses SimCLRProjectionHead(512, 512, 128) on a ResNet-18; at width w both heads are
     (512w -> 512w -> 128w), and our ``mlp_bn`` head has its layers (a BatchNorm after the last one too; the
     preset's ``mlp`` has none there). Adam, weight decay 1e-6 (the preset's), no warm-up: the cosine schedule from
-    step 0.
+    step 0. Colour-jitter strength 1.0, lightly's ``cj_strength`` default (the simclr pipeline's own default at
+    32 px is SimCLR's CIFAR value 0.5), so both sides jitter alike.
     """
     return {
         "method": "simclr", "encoder": "resnet18", "width": width, "batch_size": batch_size, "head": head,
         "proj_hidden": scaled(512, width), "proj_dim": scaled(128, width), "temperature": temperature,
         "optimizer": "adam", "lr": lr, "weight_decay": 1e-6, "warmup_epochs": 0, "epochs": epochs,
-        "blur_prob": blur, "device": str(device), "seed": seed, "data": data,
+        "blur_prob": blur, "jitter_strength": 1.0, "device": str(device), "seed": seed, "data": data,
     }
 
 

@@ -28,6 +28,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "weight_decay": 1e-6,
     "sgd_momentum": 0.9,
+    "adam_beta1": 0.9,  # Adam's and AdamW's betas and eps (csl.optim.build_optimizer)
+    "adam_beta2": 0.999,
+    "adam_eps": 1e-8,
     "warmup_epochs": 0,
     "target_momentum": None,
     "target_momentum_final": 1.0,

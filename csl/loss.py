@@ -4,6 +4,8 @@ A loss is an ``nn.Module`` called as ``loss(scores, pairs)``. It may declare wha
 model, checked when the model is built (``csl.model.build_model``), never during training:
 - ``needs_target``: a momentum (EMA) target network must produce the candidates;
 - ``queue_size``: how many past candidates to keep as extra negatives (MoCo);
+- ``needs_raw_scores``: the loss is also called with ``raw_scores=``, the scores before the similarity's tanh
+  clip (``csl.similarity``: the clip stays in the similarity, which hands both);
 - ``incompatibility(similarity)``: a reason this loss cannot work with that similarity, or None.
 
 To add a loss: write one builder below with ``@LOSS.register("name")``.
@@ -23,6 +25,7 @@ from csl.types import Pairs
 class Loss(nn.Module):
     needs_target: bool = False
     queue_size: int = 0
+    needs_raw_scores: bool = False
 
     def incompatibility(self, similarity: nn.Module) -> str | None:
         return None
@@ -75,18 +78,24 @@ class InfoNCE(Loss):
 
 
 class AmdimNCE(Loss):
-    """AMDIM's NCE plus its score regulariser ``reg_weight · mean(s²)``, which keeps the logits from drifting.
+    """AMDIM's NCE plus its score regulariser ``reg_weight · mean(s²)`` on the scores *before* the tanh clip.
 
-    AMDIM regularises the raw scores before its tanh clip; here the clip lives in the similarity, so the
-    regulariser sees the clipped scores (bounded by tclip), which serves the same purpose.
+    amdim-public ``costs.py`` (``NCE_MI_MULTI._model_scores``): ``lgt_reg = 5e-2 * (raw_scores**2.).mean()`` is
+    taken over every score of the comparison, then the scores are clipped and enter the NCE. The regulariser is
+    what keeps the raw scores from growing until the clip saturates; on clipped scores it would be bounded by tclip²
+    and its gradient would vanish exactly there. So this loss declares ``needs_raw_scores`` and the model hands it
+    the similarity's scores before and after the clip; called without them (no clip), the scores are the raw ones.
     """
+
+    needs_raw_scores = True
 
     def __init__(self, reg_weight: float) -> None:
         super().__init__()
         self.reg_weight = reg_weight
 
-    def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
-        return nce_per_positive(scores, pairs) + self.reg_weight * scores.pow(2).mean()
+    def forward(self, scores: Tensor, pairs: Pairs, raw_scores: Tensor | None = None) -> Tensor:
+        raw = scores if raw_scores is None else raw_scores
+        return nce_per_positive(scores, pairs) + self.reg_weight * raw.pow(2).mean()
 
 
 class ByolLoss(Loss):

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from csl.registry import AUGMENT, ENCODER, EXTRACT, LOSS, SIMILARITY
+from csl.loss import Loss
+from csl.registry import AUGMENT, ENCODER, EXTRACT, LOSS, SIMILARITY, ChoiceError
+from csl.similarity import Similarity
 from csl.types import Features, Pairs
 
 
@@ -52,6 +54,14 @@ def encode_views(encoder: nn.Module, view_a: Tensor, view_b: Tensor, *, separate
         return encode(encoder, torch.cat([view_a, view_b]))
     a, b = encode(encoder, view_a), encode(encoder, view_b)
     return Features(vector=torch.cat([a.vector, b.vector]), maps=[torch.cat(pair) for pair in zip(a.maps, b.maps)])
+
+
+def comparison_loss(similarity: Similarity, loss: Loss, pairs: Pairs) -> Tensor:
+    """One comparison's loss; a loss declaring ``needs_raw_scores`` also gets the scores before the tanh clip."""
+    if loss.needs_raw_scores:
+        raw, clipped = similarity.raw_and_clipped(pairs.anchors, pairs.candidates)
+        return loss(clipped, pairs, raw_scores=raw)
+    return loss(similarity(pairs.anchors, pairs.candidates), pairs)
 
 
 class NegativeQueue(nn.Module):
@@ -103,7 +113,7 @@ class NegativeQueue(nn.Module):
 
 
 class CSLModel(nn.Module):
-    def __init__(self, encoder: nn.Module, extract: nn.Module, similarity: nn.Module, loss: nn.Module,
+    def __init__(self, encoder: nn.Module, extract: nn.Module, similarity: Similarity, loss: Loss,
                  use_target: bool, separate_views: bool = False) -> None:
         super().__init__()
         self.separate_views = separate_views
@@ -136,8 +146,7 @@ class CSLModel(nn.Module):
         all_pairs = self.extract.pairs(online_a, online_b, target_a, target_b)
         for pairs in all_pairs:
             extended = self.queue.extend(pairs) if self.queue is not None else pairs
-            scores = self.similarity(extended.anchors, extended.candidates)
-            total = total + pairs.weight * self.loss(scores, extended)
+            total = total + pairs.weight * comparison_loss(self.similarity, self.loss, extended)
         if self.queue is not None:
             for pairs in all_pairs:
                 self.queue.push(pairs)
@@ -169,8 +178,15 @@ class CSLModel(nn.Module):
 def build_model(config: Mapping[str, Any], *, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
                 ) -> tuple[Any, CSLModel]:
     """Build the augmentation pipeline and the model from a resolved flat config (``csl.config.resolve``)."""
-    pipeline = AUGMENT.build_from_config(config["augment"], config, {"image_size": image_size, "mean": mean, "std": std})
-    encoder = ENCODER.build_from_config(config["encoder"], config, {})
+    context = {"image_size": image_size, "mean": mean, "std": std}
+    try:
+        pipeline = AUGMENT.build_from_config(config["augment"], config, context)
+    except ChoiceError:
+        raise
+    except ValueError as error:  # an option's value a pipeline rejects: one line naming it, as for unknown options
+        raise ChoiceError(f"augment '{config['augment']}': {error}") from error
+    # the encoder is sized for what it sees: the pipeline's views, or its patches (an encoder's stem may follow it)
+    encoder = ENCODER.build_from_config(config["encoder"], config, {"image_size": pipeline.encoder_size})
     map_channels = (encoder.vector_dim,) if pipeline.patches else tuple(encoder.map_channels)
     dims = {"vector_dim": encoder.vector_dim, "map_channels": map_channels}
     try:

@@ -19,11 +19,18 @@ from __future__ import annotations
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Bachman et al. 2019; pl_bolts AMDIM: Adam 2e-4, batch 200, tclip 20, comparisons 1:5, 1:7, 5:5.
+    # Bachman et al. 2019, as amdim-public (train.py, model.py, costs.py, task_self_supervised.py) and pl_bolts'
+    # amdim_module.py: comparisons 1:5, 1:7, 5:5 of the encoder's own n_rkhs embeddings (multiscale's head resolves
+    # to none), dot ÷ √n_rkhs clipped by 20·tanh(s/20), NCE + 0.05·mean(raw s²), the two directions averaged and
+    # the comparisons summed (Pairs.weight 1/2); Adam lr 2e-4, betas (0.8, 0.999), weight decay 1e-5, batch 200.
+    # Where they disagree: tclip 20 (amdim-public; pl_bolts' module passes its tclip 20 nowhere, so its task runs
+    # FeatureMapContrastiveTask's default 10), Adam eps 1e-8 (amdim-public; pl_bolts 1e-7: --adam_eps).
+    # Not carried over: the 500-step linear LR warm-up and MultiStepLR (250, 280) of amdim-public's trainer.
     "amdim": {
         "augment": "amdim", "encoder": "amdim", "extract": "multiscale", "similarity": "dot", "loss": "amdim_nce",
         "comparisons": "1:5, 1:7, 5:5", "tclip": 20.0, "temperature": 1.0, "reg_weight": 0.05,
-        "optimizer": "adam", "lr": 2e-4, "batch_size": 200, "weight_decay": 0.0,
+        "optimizer": "adam", "lr": 2e-4, "adam_beta1": 0.8, "adam_beta2": 0.999, "batch_size": 200,
+        "weight_decay": 1e-5,
     },
     # Hénaff et al. 2019, appendix A.2 pseudocode CPC(latents, target_dim=64, emb_scale=0.1, steps_to_ignore=2,
     # steps_to_predict=3) with its 5-block pixelCNN (256 hidden): one offset, 3 rows ahead (the loop's one i = 2
@@ -40,7 +47,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "context_hidden": 256, "directions": "south",
         "optimizer": "adam", "lr": 1e-4, "batch_size": 128, "weight_decay": 0.0,
     },
-    # Chen et al. 2020; pl_bolts SimCLR CIFAR: τ 0.5, MLP head 2048→2048→128, Adam 1e-3, warm-up 10 epochs.
+    # Chen et al. 2020; pl_bolts SimCLR CIFAR: τ 0.5, MLP head 2048→2048→128, Adam 1e-3, warm-up 10 epochs. The
+    # simclr pipeline follows the image size: at 32 px jitter strength 0.5 and no blur (the paper's CIFAR-10
+    # appendix, pl_bolts' simclr_module.py), above it 1.0 and blur p=0.5.
     "simclr": {
         "augment": "simclr", "encoder": "resnet50", "extract": "last_vector", "similarity": "cosine",
         "loss": "infonce", "head": "mlp", "proj_hidden": 2048, "proj_dim": 128, "temperature": 0.5,
@@ -62,11 +71,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "queue_size": 4096, "target_momentum": 0.999, "target_momentum_final": 0.999,
         "optimizer": "sgd", "lr": 0.03, "sgd_momentum": 0.9, "batch_size": 256, "weight_decay": 1e-4,
     },
-    # Falcon & Cho 2020: AMDIM+CPC augmentation, wide ResNet-34, last-layer feature-map comparison, dot product,
-    # NCE. Optimiser as AMDIM's, from which YADIM descends.
+    # Falcon & Cho 2020: AMDIM+CPC augmentation (their union is AMDIM's recipe, no crop at 32 px), wide ResNet-34,
+    # last-layer feature-map comparison with no head (pl_bolts' FeatureMapContrastiveTask scores the encoder's
+    # maps), dot product, NCE. Optimiser as AMDIM's in pl_bolts' amdim_module.py, whose framework YADIM ran: Adam
+    # betas (0.8, 0.999), weight decay 1e-5.
     "yadim": {
         "augment": "yadim", "encoder": "wide_resnet", "extract": "last_map", "similarity": "dot", "loss": "amdim_nce",
         "tclip": 20.0, "temperature": 1.0, "reg_weight": 0.05,
-        "optimizer": "adam", "lr": 2e-4, "batch_size": 200, "weight_decay": 0.0,
+        "optimizer": "adam", "lr": 2e-4, "adam_beta1": 0.8, "adam_beta2": 0.999, "batch_size": 200,
+        "weight_decay": 1e-5,
     },
 }

@@ -111,7 +111,8 @@ class Run:
         self.num_classes = self.train_data.num_classes
         self.probe = nn.Linear(self.model.encoder.vector_dim, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(cfg["optimizer"], self.model, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                         sgd_momentum=cfg["sgd_momentum"], fused=self.on_cuda)
+                                         sgd_momentum=cfg["sgd_momentum"], fused=self.on_cuda,
+                                         adam_betas=(cfg["adam_beta1"], cfg["adam_beta2"]), adam_eps=cfg["adam_eps"])
         self.probe_optimizer = torch.optim.Adam(self.probe.parameters(), lr=cfg["probe_lr"])
         self.generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
         self.steps_per_epoch = len(self.train_data) // cfg["batch_size"]

@@ -81,18 +81,21 @@ def test_nt_xent_gradient_masks_self_similarity(path: str) -> None:
 
 
 def test_amdim_nce_global_to_local() -> None:
-    """AMDIM: each (image, location) positive against every location of the other images; + 0.05·mean(s²)."""
+    """AMDIM: each (image, location) positive against every location of the other images, on clipped scores;
+    + 0.05·mean(s²) of the raw scores (the full preset path: tests/test_fidelity_amdim.py)."""
     g = torch.Generator().manual_seed(2)
     n, locs, d, tclip = 3, 4, 6, 5.0
-    glob, local = torch.randn(n, d, generator=g), torch.randn(n, locs, d, generator=g)
+    glob, local = 3 * torch.randn(n, d, generator=g), 3 * torch.randn(n, locs, d, generator=g)
     cand_img = torch.arange(n).repeat_interleave(locs)
     pairs = same_image_pairs(glob, torch.arange(n), local.reshape(-1, d), cand_img, "1:5")
-    scores = SIMILARITY.build("dot", tclip=tclip)(pairs.anchors, pairs.candidates)
-    ours = LOSS.build("amdim_nce", reg_weight=0.05)(scores, pairs)
+    raw_scores, scores = SIMILARITY.build("dot", tclip=tclip).raw_and_clipped(pairs.anchors, pairs.candidates)
+    ours = LOSS.build("amdim_nce", reg_weight=0.05)(scores, pairs, raw_scores=raw_scores)
+
+    def raw(i: int, j: int, l: int) -> float:
+        return sum(a * b for a, b in zip(glob[i].tolist(), local[j, l].tolist())) / math.sqrt(d)
 
     def s(i: int, j: int, l: int) -> float:
-        raw = sum(a * b for a, b in zip(glob[i].tolist(), local[j, l].tolist())) / math.sqrt(d)
-        return tclip * math.tanh(raw / tclip)
+        return tclip * math.tanh(raw(i, j, l) / tclip)
 
     nce, count, reg = 0.0, 0, 0.0
     for i in range(n):
@@ -101,7 +104,7 @@ def test_amdim_nce_global_to_local() -> None:
             pos = s(i, i, l)
             nce += -math.log(math.exp(pos) / (math.exp(pos) + sum(math.exp(x) for x in negatives)))
             count += 1
-        reg += sum(s(i, j, l) ** 2 for j in range(n) for l in range(locs))
+        reg += sum(raw(i, j, l) ** 2 for j in range(n) for l in range(locs))
     reference = nce / count + 0.05 * reg / (n * n * locs)
     assert float(ours) == pytest.approx(reference, **TOL)
 
