@@ -45,7 +45,6 @@ if str(REPO) not in sys.path:
 
 from csl import data as datasets  # noqa: E402
 from csl.encoders._common import scaled  # noqa: E402
-from csl.registry import ENCODER  # noqa: E402
 
 DEFAULT_DATA = "parquet:" + str(REPO.parent / "shared" / "data" / "cifar10")
 SIZE = 32
