@@ -10,7 +10,7 @@ paper's ImageNet value does not fit CIFAR-scale runs, the CIFAR value of the ref
 | cpc_v2  | cpc     | cpc_resnet  | cpc_context | dot (W_k in extract)| infonce   | —      |
 | simclr  | simclr  | resnet50    | last_vector | cosine, τ 0.5       | infonce   | —      |
 | byol    | byol    | resnet50    | last_vector+predictor | cosine, τ 1 | byol   | 0.996  |
-| moco_v2 | moco_v2 | resnet50    | last_vector | cosine, τ 0.07      | moco      | 0.999  |
+| moco_v2 | moco_v2 | resnet50    | last_vector, one way | cosine, τ 0.2 | moco (queue only) | 0.999 |
 | yadim   | yadim   | wide_resnet | last_map    | dot/√d, tclip 20    | amdim_nce | —      |
 """
 
@@ -63,12 +63,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "temperature": 1.0, "target_momentum": 0.996, "target_momentum_final": 1.0,
         "optimizer": "lars", "lr": 0.2, "batch_size": 256, "weight_decay": 1.5e-6, "warmup_epochs": 10,
     },
-    # Chen et al. 2020 (MoCo v2): τ 0.07, momentum 0.999, SGD lr 0.03 momentum 0.9 wd 1e-4. The ImageNet queue
-    # holds 65,536 keys; at CIFAR scale 4,096 (the moco loss default) is the usual choice.
+    # Chen et al. 2020 (MoCo v2), facebookresearch/moco: main_moco.py with `--mlp --moco-t 0.2 --aug-plus --cos`
+    # (τ 0.2, key momentum 0.999, SGD lr 0.03 for batch 256, momentum 0.9, wd 1e-4 on every parameter, cosine, no
+    # warm-up) and moco/builder.py: one query → key loss per step (symmetric False), the negatives the queue's
+    # only (batch_negatives False), the head Linear → ReLU → Linear at the encoder's width (mlp_nobn; proj_hidden
+    # left to the encoder), 128-d keys. The key encoder is the EMA target, in a pass of its own over the key view.
+    # Deviations, for CIFAR-scale single-device runs: the queue holds 4,096 keys (the CIFAR demo's, colab/
+    # moco_cifar10_demo.ipynb, which finds it saturates there; ImageNet's 65,536 exceeds CIFAR-10's 50,000 images)
+    # and Shuffle-BN over 8 GPUs of 32 images becomes the demo's batch norm over 8 sub-batches (bn_splits 8, with
+    # the key batch shuffled); the cosine is per step, not per epoch.
     "moco_v2": {
         "augment": "moco_v2", "encoder": "resnet50", "extract": "last_vector", "similarity": "cosine",
-        "loss": "moco", "head": "mlp", "proj_hidden": 2048, "proj_dim": 128, "temperature": 0.07,
-        "queue_size": 4096, "target_momentum": 0.999, "target_momentum_final": 0.999,
+        "loss": "moco", "head": "mlp_nobn", "proj_dim": 128, "temperature": 0.2, "symmetric": False,
+        "queue_size": 4096, "batch_negatives": False, "bn_splits": 8, "encode_views": "separate",
+        "target_momentum": 0.999, "target_momentum_final": 0.999,
         "optimizer": "sgd", "lr": 0.03, "sgd_momentum": 0.9, "batch_size": 256, "weight_decay": 1e-4,
     },
     # Falcon & Cho 2020: AMDIM+CPC augmentation (their union is AMDIM's recipe, no crop at 32 px), wide ResNet-34,

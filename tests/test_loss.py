@@ -120,10 +120,12 @@ def test_byol_is_two_minus_two_cosine(path: str) -> None:
     assert float(ours) == pytest.approx(reference, **TOL)
 
 
+@pytest.mark.parametrize("batch_negatives", [False, True])
 @pytest.mark.parametrize("path", PATHS)
-def test_moco_negatives_include_the_queue(path: str) -> None:
-    """MoCo: −log e^{q·k⁺/τ} / (e^{q·k⁺/τ} + Σ_{k⁻} e^{q·k⁻/τ}), k⁻ over the queue and the keys (both views) of the
-    other images in the batch; the query's own image's same-view key is excluded."""
+def test_moco_negatives_are_the_queue(path: str, batch_negatives: bool) -> None:
+    """MoCo: −log e^{q·k⁺/τ} / (e^{q·k⁺/τ} + Σ_{k⁻} e^{q·k⁻/τ}), k⁻ over the queue (all K entries: it starts full
+    of random keys, here half replaced by past keys); with batch_negatives also over the keys (both views) of the
+    other images in the batch, the query's own image's same-view key excluded."""
     g = torch.Generator().manual_seed(4)
     n, d, tau = 3, 5, 0.2
     qa, qb, ka, kb = (torch.randn(n, d, generator=g) for _ in range(4))
@@ -131,16 +133,19 @@ def test_moco_negatives_include_the_queue(path: str) -> None:
     queue = NegativeQueue(size=8)
     pairs = on_path(two_view_pairs(qa, qb, ka, kb, symmetric=False), path)
     queue.push(Pairs(past, past, torch.zeros(4, 4, dtype=torch.bool), None, pairs.name))
+    queued = queue.rings[pairs.name].clone()
+    assert torch.equal(queued[:4], past) and torch.allclose(queued[4:].norm(dim=1), torch.ones(4))
     extended = queue.extend(pairs)
     scores = SIMILARITY.build("cosine", temperature=tau)(extended.anchors, extended.candidates)
-    ours = LOSS.build("moco", queue_size=8)(scores, extended)
+    ours = LOSS.build("moco", queue_size=8, batch_negatives=batch_negatives)(scores, extended)
 
     total = 0.0
     for q_side, k_side in ((qa, kb), (qb, ka)):
         for i in range(n):
             pos = math.exp(cos(q_side[i], k_side[i]) / tau)
-            neg = sum(math.exp(cos(q_side[i], keys[j]) / tau) for keys in (ka, kb) for j in range(n) if j != i)
-            neg += sum(math.exp(cos(q_side[i], p) / tau) for p in past)
+            neg = sum(math.exp(cos(q_side[i], key) / tau) for key in queued)
+            if batch_negatives:
+                neg += sum(math.exp(cos(q_side[i], keys[j]) / tau) for keys in (ka, kb) for j in range(n) if j != i)
             total += -math.log(pos / (pos + neg))
     assert float(ours) == pytest.approx(total / (2 * n), **TOL)
 
@@ -151,7 +156,7 @@ def test_queue_is_a_ring_buffer() -> None:
         keys = torch.full((1, 2), float(value))
         queue.push(Pairs(keys, keys, torch.ones(1, 1, dtype=torch.bool), None, "x"))
     assert sorted(queue.rings["x"][:, 0].tolist()) == [2.0, 3.0, 4.0]
-    assert queue.filled["x"] == 3
+    assert queue.pointer["x"] == 5 % 3
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -170,12 +175,13 @@ def test_triplet_hardest_negative(path: str) -> None:
     assert float(ours) == pytest.approx(total / 8, **TOL)
 
 
-def random_single_positive(m: int, k: int, with_exclude: bool, dtype: torch.dtype, seed: int
-                           ) -> tuple[torch.Tensor, Pairs]:
-    """Scores M×K and index-form pairs; with exclude, ~30% of candidates excluded and anchor 0 left no negative."""
+def random_single_positive(m: int, k: int, with_exclude: bool, dtype: torch.dtype, seed: int,
+                           positives_below: int | None = None) -> tuple[torch.Tensor, Pairs]:
+    """Scores M×K and index-form pairs; with exclude, ~30% of candidates excluded and anchor 0 left no negative.
+    positives_below: every positive among the first candidates (the batch's, before a queue's)."""
     g = torch.Generator().manual_seed(seed)
     scores = 3 * torch.randn(m, k, generator=g, dtype=dtype)
-    index = torch.randint(k, (m,), generator=g)
+    index = torch.randint(positives_below or k, (m,), generator=g)
     exclude = None
     if with_exclude:
         exclude = torch.rand(m, k, generator=g) < 0.3
@@ -191,14 +197,23 @@ def value_and_grad(loss: torch.nn.Module, scores: torch.Tensor, pairs: Pairs) ->
     return value.detach(), grad
 
 
+# moco's options: 20 of the 53 candidates are its queue, with and without the batch's other candidates as negatives
+LOSS_OPTIONS = {
+    "infonce": ("infonce", {}), "amdim_nce": ("amdim_nce", {}), "moco": ("moco", {"queue_size": 20}),
+    "moco+batch": ("moco", {"queue_size": 20, "batch_negatives": True}),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_exclude", [False, True])
-@pytest.mark.parametrize("name", ["infonce", "amdim_nce", "moco"])
+@pytest.mark.parametrize("name", list(LOSS_OPTIONS))
 def test_index_path_equals_mask_path(name: str, with_exclude: bool, dtype: torch.dtype) -> None:
     """The cross-entropy fast path gives the mask path's value and gradient (amdim_nce: its regulariser too)."""
-    loss = LOSS.build(name)
+    loss_name, options = LOSS_OPTIONS[name]
+    loss = LOSS.build(loss_name, **options)
     for seed in range(3):
-        scores, pairs = random_single_positive(37, 53, with_exclude, dtype, seed)
+        below = 53 - options["queue_size"] if loss_name == "moco" else None
+        scores, pairs = random_single_positive(37, 53, with_exclude, dtype, seed, positives_below=below)
         fast = value_and_grad(loss, scores, pairs)
         masked = value_and_grad(loss, scores, on_path(pairs, "mask"))
         torch.testing.assert_close(fast, masked)
