@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from csl.data.folder import LABEL_MODES
 from csl.extract.heads import HEADS
 from csl.registry import ASPECTS, ChoiceError
 
@@ -20,6 +21,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "data": "cifar10-mini",
     "data_root": None,
     "download": False,
+    "labels": "auto",  # the SSL data's labels: auto (what it has) or none (read unlabelled; csl.data)
     "train_limit": None,
     "test_limit": None,
     "epochs": 10,
@@ -47,7 +49,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 # Options whose values are names, with the allowed ones, checked by resolve so that a space file naming a wrong one
 # fails when it is loaded (csl.model.encode_views says what the two views options do; csl.extract.heads the heads).
-OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS}
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS,
+                                              "labels": LABEL_MODES}
 
 
 def known_options() -> set[str]:
