@@ -23,7 +23,15 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "download": False,
     "labels": "auto",  # the SSL data's labels: auto (what it has) or none (read unlabelled; csl.data)
     "train_limit": None,
-    "test_limit": None,
+    "test_limit": None,  # the evaluation queries: the test split of eval_data, else of data
+    # A labelled set for kNN (its train split the bank, cut to eval_train_limit; its test split the queries, cut
+    # to test_limit), resized to the training image size; None: data's own splits, when it has labels.
+    "eval_data": None,
+    "eval_train_limit": None,
+    # SSL training images held out for the label-free metrics (csl.label_free), drawn once with a fixed seed (the
+    # same images in every trial) and never trained on. None: min(1024, 1/40 of the training set), under 5% of
+    # an epoch (benchmarks/bench_label_free.py); 0: no label-free metrics.
+    "label_free_samples": None,
     "epochs": 10,
     "batch_size": 256,
     "optimizer": "adam",
