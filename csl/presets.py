@@ -3,6 +3,7 @@
 A preset is nothing but a flat config; ``csl train --method yadim --encoder resnet18`` is this record with one
 field overridden. Values come from the papers and the pl_bolts defaults (``../shared/notes/paper.md``); where a
 paper's ImageNet value does not fit CIFAR-scale runs, the CIFAR value of the reference code is used and noted.
+``docs/presets.md`` is the full table: per preset and aspect, the reference followed and every deviation left.
 
 | method  | augment | encoder     | extract     | similarity          | loss      | target |
 |---------|---------|-------------|-------------|---------------------|-----------|--------|
