@@ -202,6 +202,8 @@ def study_parser() -> Any:
 
 
 def scale_from_args(args: Any) -> ValidationScale:
+    """The scale with the command line's overrides (as ``experiments.common.scale_from_args`` does for the
+    robustness studies' scales, which it looks up in its own table)."""
     scale = SCALES[args.scale]
     changes: dict[str, Any] = {}
     if args.seeds:

@@ -320,12 +320,12 @@ def scatter(result: Validation, path: Path) -> Path:
         for method in result.methods:
             part = result.trials[result.trials["method"] == method]
             ax.scatter(part[metric], part["knn_acc"], label=method, s=22)
-        rho = result.rho.get((metric, "knn_acc", ALL)) or result.rho[(metric, "knn_acc", MEAN_WITHIN)]
-        scope = "all" if (metric, "knn_acc", ALL) in result.rho else "within"
-        ax.set_title(f"{metric} (oriented ρ {scope} {rho.value:+.2f})", fontsize=9)
+        shown = [f"{scope} {rho.value:+.2f}" for scope, rho in (
+            ("all", result.rho.get((metric, "knn_acc", ALL))), ("within", result.rho[(metric, "knn_acc", MEAN_WITHIN)]))
+            if rho is not None and math.isfinite(rho.value)]
+        ax.set_title(f"{metric}: oriented ρ {', '.join(shown) or '—'}", fontsize=9)
         ax.set_xlabel(f"{metric} ({METRICS[metric].mode} is better)", fontsize=8)
-        ax.set_ylabel("kNN accuracy", fontsize=8)
-        ax.axhline(CHANCE, color="grey", lw=0.6, ls=":")
+        ax.set_ylabel(f"kNN accuracy (chance {CHANCE:.2f})", fontsize=8)
     for ax in list(axes.flat)[len(CANDIDATES):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)

@@ -6,7 +6,6 @@ against the trial runs as MLflow holds them, recomputed here with ``scipy.stats.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -91,23 +90,16 @@ def _value(cell: str) -> float:
 
 
 @pytest.mark.slow
-def test_label_free_study_smoke(tmp_path):
+def test_label_free_study_smoke(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from experiments import label_free
 
-    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "RAY_AUTH_MODE")}
-    os.environ.update({key: search_env()[key] for key in saved})
+    for key in ("PYTHONPATH", "RAY_AUTH_MODE"):  # Ray's workers import this checkout
+        monkeypatch.setenv(key, search_env()[key])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    try:
-        code = label_free.main(["--scale", "smoke", "--storage", str(tmp_path), "--mlflow-uri", uri, "--name", "lf",
-                                "--num-cpus", "2", "--resamples", "1000"])
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    code = label_free.main(["--scale", "smoke", "--storage", str(tmp_path), "--mlflow-uri", uri, "--name", "lf",
+                            "--num-cpus", "2", "--resamples", "1000"])
     assert code == 0
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("label_free").experiment_id
