@@ -13,23 +13,26 @@ run in MLflow (``report/``), with the headline figures as metrics of that run.
 
 Every trial trains the same budget (no early stopping): a metric is judged on the runs it would choose between.
 
-    python -m experiments.label_free --scale smoke   # CPU, well under a minute: the plumbing only
-    python -m experiments.label_free --scale cpu     # 2 CPU cores, 25-50 minutes: 24 trials, 3 methods
-    python -m experiments.label_free --scale gpu     # one GPU (4 trials share it), about 3 hours: 40 trials
+    python -m experiments.label_free --scale smoke   # CPU, 1-3 minutes: the plumbing only
+    python -m experiments.label_free --scale cpu     # 2 CPU cores, about 25 minutes: 24 trials, 3 methods
+    python -m experiments.label_free --scale gpu     # one GPU (4 trials share it), hours: 40 trials
+    python -m experiments.label_free --report runs/<study>   # the report again from a study folder
 
 Scales (``SCALES``; all on 32x32 images, CIFAR-10's 10 classes, chance 0.10):
 
-- ``smoke``: the embedded cifar10-mini (192 images, 32 held out), 1/16-wide ResNet-18, 1 epoch, simclr / byol /
-  moco_v2 × 2 learning rates (6 trials). Accuracies are near chance: only the plumbing and the statistics run.
+- ``smoke``: the embedded cifar10-mini (192 images, 32 held out, 64 test images), 1/16-wide ResNet-18, 1 epoch,
+  simclr / byol / moco_v2 × 2 learning rates (6 trials). Accuracies are near chance: only the plumbing and the
+  statistics run.
 - ``cpu``: 1,400 CIFAR-10 training images of the shared Parquet copy (200 held out for the label-free metrics,
   1,200 trained on), 1,000 test images, 1/8-wide ResNet-18, batch 64, 3 epochs (57 steps), evaluated once at the
   end, simclr / byol / moco_v2 × 8 learning rates from 1/30 to 10 times the preset's (24 trials, two at a time on
-  2 cores). A trial takes 1-2 minutes on 2 idle cores (BYOL's two 4096-wide heads and target make it the
-  slowest), 3-5 on cores shared with three other jobs.
+  2 cores). Measured on 2 cores shared with three other jobs (load average 9-19): the search 1,449 s, a trial
+  90 s (simclr), 100 s (moco_v2) and 135 s (byol, whose two 4096-wide heads and target make it the slowest) on
+  average.
 - ``gpu``: all of CIFAR-10 (50,000 / 10,000, 1,024 held out), quarter-width ResNet-18, the presets' batch sizes,
   30 epochs, simclr / byol / moco_v2 / amdim / yadim × 8 learning rates (40 trials, 4 per GPU at 0.25 GPU and 4
-  CPUs each). Sized from the quarter-width encoder study's throughput (``experiments.common`` scale ``cifar``),
-  not run here.
+  CPUs each): 1.5 million training images per trial. Not run here (no GPU in this project's sessions so far);
+  its time is an estimate, not a measurement.
 
 Deviations from the presets, the same for every method (``FIXED``): one encoder (ResNet-18 at the scale's width;
 the presets' ResNet-50 and wide ResNets cost 2-3x more and the study compares metrics, not encoders); no warm-up
@@ -41,6 +44,7 @@ keys among its negatives), and one batch size for every method (64 at the cpu sc
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -53,7 +57,7 @@ import pandas as pd
 
 from csl.metrics import LABEL_FREE
 from csl.presets import PRESETS
-from experiments.common import parser, shared_cifar10
+from experiments.common import STUDY_FILE, parser, shared_cifar10
 from experiments.label_free_report import ACCURACIES, ALL, CANDIDATES, MEAN_WITHIN, Validation, write_report
 from experiments.spaces import grid_space, write_space
 
@@ -99,7 +103,7 @@ CPU_FACTORS = tuple(float(f"{10 ** x:.3g}") for x in np.linspace(math.log10(1 / 
 SCALES: dict[str, ValidationScale] = {
     "smoke": ValidationScale(
         name="smoke",
-        description="CPU, under a minute: cifar10-mini (192 train, 32 of them held out / 64 test images), 1/16-wide "
+        description="CPU, 1-3 minutes: cifar10-mini (192 train, 32 of them held out / 64 test images), 1/16-wide "
                     "ResNet-18, 1 epoch, simclr / byol / moco_v2 × 2 learning rates",
         fixed={"data": "cifar10-mini", "train_limit": 192, "test_limit": 64, "label_free_samples": 32,
                "batch_size": 32, "device": "cpu", "knn_k": 20, **SMALL_HEADS},
@@ -107,7 +111,7 @@ SCALES: dict[str, ValidationScale] = {
     ),
     "cpu": ValidationScale(
         name="cpu",
-        description="2 CPU cores, 25-50 minutes: CIFAR-10 (1,400 train, 200 of them held out / 1,000 test images), "
+        description="2 CPU cores, about 25 minutes: CIFAR-10 (1,400 train, 200 of them held out / 1,000 test images), "
                     "1/8-wide ResNet-18, batch 64, 3 epochs, simclr / byol / moco_v2 × 8 learning rates "
                     "(1/30 to 10 × the preset's)",
         fixed={"train_limit": 1400, "test_limit": 1000, "label_free_samples": 200, "width": 0.125,
@@ -116,7 +120,7 @@ SCALES: dict[str, ValidationScale] = {
     ),
     "gpu": ValidationScale(
         name="gpu",
-        description="one GPU, about 3 hours: CIFAR-10 (50,000 train, 1,024 of them held out / 10,000 test), "
+        description="one GPU, hours (an estimate): CIFAR-10 (50,000 train, 1,024 of them held out / 10,000 test), "
                     "quarter-width ResNet-18, 30 epochs, simclr / byol / moco_v2 / amdim / yadim × 8 learning "
                     "rates (1/30 to 10 × the preset's), 4 trials per GPU",
         fixed={"width": 0.25, "label_free_samples": 1024},
@@ -198,25 +202,23 @@ def study_parser() -> Any:
     p = argparse.ArgumentParser(prog=common.prog, description=common.description, parents=[common], add_help=False,
                                 conflict_handler="resolve")
     p.add_argument("--scale", choices=sorted(SCALES), default="smoke", help="budget (default: smoke)")
+    p.add_argument("--report", metavar="FOLDER", type=Path,
+                   help="only write the report again from a study folder whose search ran (nothing is trained)")
     return p
 
 
 def scale_from_args(args: Any) -> ValidationScale:
-    """The scale with the command line's overrides (as ``experiments.common.scale_from_args`` does for the
-    robustness studies' scales, which it looks up in its own table)."""
+    """The scale with the command line's overrides (the options ``experiments.common.scale_from_args`` reads for
+    the robustness studies, whose scales it looks up in its own table)."""
     scale = SCALES[args.scale]
-    changes: dict[str, Any] = {}
-    if args.seeds:
-        changes["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
-    if args.epochs:
-        changes["epochs"] = args.epochs
-    if args.data:
-        changes["fixed"] = {**scale.fixed, "data": args.data}
-    if args.cpus_per_trial:
-        changes["cpus_per_trial"] = args.cpus_per_trial
-    if args.gpus_per_trial is not None:
-        changes["gpus_per_trial"] = args.gpus_per_trial
-    return replace(scale, **changes) if changes else scale
+    overrides = {
+        "seeds": tuple(int(s) for s in args.seeds.split(",") if s.strip()) if args.seeds else None,
+        "epochs": args.epochs or None,
+        "fixed": {**scale.fixed, "data": args.data} if args.data else None,
+        "cpus_per_trial": args.cpus_per_trial or None,
+        "gpus_per_trial": args.gpus_per_trial,
+    }
+    return replace(scale, **{key: value for key, value in overrides.items() if value is not None})
 
 
 def report_study(folder: Path, design: Mapping[str, Any], *, n_resamples: int, seed: int
@@ -240,6 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from experiments.common import Study
 
     args = study_parser().parse_args(argv)
+    if args.report is not None:
+        design = json.loads((args.report / STUDY_FILE).read_text(encoding="utf-8"))
+        report, _, _ = report_study(args.report, design, n_resamples=args.resamples, seed=args.seed)
+        print(report.read_text(encoding="utf-8"))
+        print(f"report: {report}")
+        return 0
     scale = scale_from_args(args)
     fixed = scale.trial_fixed()
     design = {

@@ -132,3 +132,8 @@ def test_label_free_study_smoke(tmp_path, monkeypatch):
         assert picks[metric]["all trials: picks"] == f"{params['method']} lr={float(params['lr']):.3g}"
     assert _value(picks["(random pick: best - mean)"]["all trials: regret"]) == pytest.approx(
         100 * (knn.max() - knn.mean()), abs=0.06)
+
+    # --report writes the same report again from the folder alone (same bootstrap seed), training nothing
+    (folder / "report" / "report.md").unlink()
+    assert label_free.main(["--report", str(folder), "--resamples", "1000"]) == 0
+    assert (folder / "report" / "report.md").read_text() == markdown
