@@ -38,7 +38,8 @@ Deviations from the presets, the same for every method (``FIXED``): one encoder 
 the presets' ResNet-50 and wide ResNets cost 2-3x more and the study compares metrics, not encoders); no warm-up
 (the presets' 10 warm-up epochs are longer than the cpu scale's whole run). Below the gpu scale: MoCo's queue
 shortened (512 keys at the cpu scale: 4,096 would hold each of its 1,200 images three times, an image's own stale
-keys among its negatives), and one batch size for every method (64 at the cpu scale: more steps in a short run).
+keys among its negatives), one batch size for every method (64 at the cpu scale: more steps in a short run), and
+kNN's k (50 at the cpu scale, 20 at smoke: the default 200 of a 1,200-image bank votes with a sixth of it).
 """
 
 from __future__ import annotations
@@ -218,7 +219,11 @@ def scale_from_args(args: Any) -> ValidationScale:
         "cpus_per_trial": args.cpus_per_trial or None,
         "gpus_per_trial": args.gpus_per_trial,
     }
-    return replace(scale, **{key: value for key, value in overrides.items() if value is not None})
+    changed = {key: value for key, value in overrides.items() if value is not None}
+    if not changed:
+        return scale
+    shown = ", ".join(f"data {value['data']}" if key == "fixed" else f"{key} {value}" for key, value in changed.items())
+    return replace(scale, description=f"{scale.description}; changed on the command line: {shown}", **changed)
 
 
 def report_study(folder: Path, design: Mapping[str, Any], *, n_resamples: int, seed: int
@@ -241,8 +246,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from experiments.common import Study
 
-    args = study_parser().parse_args(argv)
+    cli = study_parser()
+    args = cli.parse_args(argv)
     if args.report is not None:
+        needed = (STUDY_FILE, "grid.yaml", "grid/results.parquet")
+        missing = [name for name in needed if not (args.report / name).exists()]
+        if missing:  # one line, as csl-search's errors
+            print(f"{cli.prog}: error: --report {args.report}: no {', '.join(missing)} there; name a folder this "
+                  "study wrote (runs/<study run name>) whose search has run", file=sys.stderr)
+            return 2
         design = json.loads((args.report / STUDY_FILE).read_text(encoding="utf-8"))
         report, _, _ = report_study(args.report, design, n_resamples=args.resamples, seed=args.seed)
         print(report.read_text(encoding="utf-8"))
@@ -255,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "title": "Label-free metrics validated against labels",
         "metric": "knn_acc", "mode": "max", "label_free": list(LABEL_FREE), "candidates": list(CANDIDATES),
         "methods": list(scale.methods), "lr_factors": list(scale.lr_factors), "seeds": list(scale.seeds),
+        "trials": scale.trials,
         "epochs": scale.epochs, "label_free_samples": fixed.get("label_free_samples"), "fixed": fixed,
         "stages": {"grid": {"role": "label_free_validation", "scheduler": "fifo", "searcher": "grid",
                             "epochs": scale.epochs}},

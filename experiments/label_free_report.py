@@ -273,7 +273,8 @@ def markdown(result: Validation, design: Mapping[str, Any], figure: str | None) 
               f"compared within a method only (each method's loss has its own scale). '—': fewer than "
               f"{MIN_TRIALS} trials.", ""]
     if design.get("unfinished"):
-        lines += [f"{design['unfinished']} more trials did not finish (diverged or failed) and are left out.", ""]
+        lines += [f"{design['unfinished']} more trials did not finish (interrupted, diverged or failed) and are left "
+                  "out; `csl-search resume <study folder>/grid` continues an interrupted search, then `--report`.", ""]
     lines += ["## Findings", "", *findings(result), ""]
     groups = [ALL, *result.methods, MEAN_WITHIN]
     for accuracy, title in (("knn_acc", "kNN accuracy"), ("probe_acc", "linear (online probe) accuracy")):
