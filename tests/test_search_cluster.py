@@ -28,7 +28,7 @@ def test_search_spreads_trials_over_both_nodes(
     out = subprocess.run(
         [sys.executable, "-m", "search", "run", str(REPO / "spaces" / "tiny_grid.yaml"), "--searcher", "grid",
          "--scheduler", "fifo", "--address", ray_cluster, "--storage", str(tmp_path), "--name", "cluster", "--quiet"],
-        cwd=REPO, env=search_env(), capture_output=True, text=True, timeout=400,
+        cwd=REPO, env=search_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = pq.read_table(tmp_path / "cluster" / "results.parquet").to_pylist()
