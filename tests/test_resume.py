@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from tests.drivers import Driver, listening_sockets, session_pids, space_text, wait_until
+from tests.drivers import TINY_FIXED, Driver, listening_sockets, session_pids, space_text, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -254,9 +254,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> di
     folder = tmp_path_factory.mktemp("finished")
     few = folder / "few.parquet"
     pq_.write_table(pq_.read_table(Path(mini_path()) / "train.parquet").slice(0, 8), few)
-    fixed = "\n".join(line for line in space_text("x", epochs=1, samples=1).splitlines()
-                      if line.startswith("  "))  # fmt: skip
-    text = ("name: damage\nmetric: ssl_loss\nmode: min\nbudget: {epochs: 1}\nfixed:\n" + fixed + "\n"
+    text = ("name: damage\nmetric: ssl_loss\nmode: min\nbudget: {epochs: 1}\nfixed:\n" + TINY_FIXED
             + DAMAGE_VARIANTS.format(few=few).replace("{{", "{").replace("}}", "}"))  # fmt: skip
     space = folder / "damage.yaml"
     space.write_text(text)
