@@ -373,9 +373,13 @@ class Run:
         self.initial_loss = state.get("initial_loss")  # absent from checkpoints made before it was kept
 
     def save(self, directory: str | Path) -> Path:
+        """Write the state beside the checkpoint, then rename it over: a kill or Ctrl-C while it is written
+        leaves the last epoch's checkpoint whole."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), path / CHECKPOINT_FILE)
+        partial = path / f".{CHECKPOINT_FILE}.partial"
+        torch.save(self.state_dict(), partial)
+        partial.replace(path / CHECKPOINT_FILE)
         return path / CHECKPOINT_FILE
 
     def load(self, directory: str | Path) -> None:

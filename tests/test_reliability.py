@@ -278,6 +278,43 @@ def test_an_exploding_finite_loss_is_diverged_with_its_value() -> None:
     assert divergence_bound({"diverge_factor": 0}, 4.2) is None
 
 
+def test_csl_train_ctrl_c_keeps_the_checkpoint_and_says_how_to_continue(tmp_path: Path) -> None:
+    """SIGINT to a real ``csl train`` after its first epoch: exit 130, the command that continues from
+    ``--checkpoint``; that command trains the remaining epochs from it."""
+    checkpoint = tmp_path / "ck"
+    argv = ["train", "--method", "simclr", "--width", "0.0625", "--proj_dim", "16", "--proj_hidden", "32",
+            "--train_limit", "64", "--test_limit", "32", "--batch_size", "16", "--epochs", "100", "--device", "cpu",
+            "--label_free_samples", "0", "--checkpoint", str(checkpoint)]  # fmt: skip
+    code = "import sys; from csl.cli import main; raise SystemExit(main())"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (checkpoint / "state.pt").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert (checkpoint / "state.pt").exists(), process.communicate(timeout=30)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("csl: interrupted: stopped in epoch") and "Traceback" not in err, err
+    command = line.split("continue: ", 1)[1].split()
+    assert command[0] == "csl" and command[-2:] == ["--resume", str(checkpoint)]
+    import torch
+
+    from csl.cli import main
+
+    saved = torch.load(checkpoint / "state.pt", weights_only=True)["epoch"]  # a whole epoch, not a cut file
+    assert 1 <= saved < 100
+    again = [a if a != "100" else str(saved + 1) for a in command[1:]]  # the same run, one epoch more to wait for
+    assert main(again) == 0
+    assert torch.load(checkpoint / "state.pt", weights_only=True)["epoch"] == saved + 1
+
+
 def test_statuses_of_interrupted_and_unrunnable_trials() -> None:
     from search.status import INTERRUPTED, RUN_STATUS, trial_status
 
