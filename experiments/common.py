@@ -187,10 +187,9 @@ class Study:
     def start(cls, name: str, args: argparse.Namespace, scale: Scale, design: Mapping[str, Any]) -> Study:
         from mlflow import MlflowClient
 
+        from search import storage as storage_checks
         from search.run import init_ray
         from search.tracking import check_reachable, ensure_experiment, git_commit, local_tracking_uri, store_lock
-
-        from search import storage as storage_checks
 
         storage = Path(args.storage).expanduser().resolve()
         storage_checks.check_writable(str(storage))
