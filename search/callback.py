@@ -344,6 +344,7 @@ class MlflowTrialCallback(Callback):
                 "it back)"
             )
             self.client.set_tag(run_id, ORPHAN_TAG, reason)
+            self.client.set_terminated(run_id, status="KILLED")  # in the trash it will not run again
             self.client.delete_run(run_id)
         self._orphans = []
 

@@ -18,17 +18,23 @@ class UsageError(ValueError):
     """Bad input on the command line, said in one line."""
 
 
+class ResumeError(RuntimeError):
+    """A search that cannot be resumed as it is; the message names the file, the problem and what to do."""
+
+
 def exit_code(exc: BaseException) -> int | None:
     """The exit code of an expected error, None for an unexpected one."""
-    from search.compare import CompareError
-    from search.recovery import ResumeError
     from search.space import SpaceError
     from search.storage import StorageError
     from search.tracking import TrackingUnavailable
 
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(exc, (SpaceError, StorageError, UsageError, CompareError)):
+    # A CompareError exists only once search.compare is loaded (importing it here would import Ray)
+    compare = sys.modules.get("search.compare")
+    if compare is not None and isinstance(exc, compare.CompareError):
+        return 2
+    if isinstance(exc, (SpaceError, StorageError, UsageError)):
         return 2
     if isinstance(exc, (TrackingUnavailable, ResumeError)):
         return 1

@@ -27,12 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from search import storage, trust
+from search.errors import ResumeError  # noqa: F401 - defined there so that reporting an error imports no Ray
 from search.ledger import Ledger, Planned
 from search.searchers import SearcherStateError, read_state
-
-
-class ResumeError(RuntimeError):
-    """A search that cannot be resumed as it is; the message names the file, the problem and what to do."""
 
 
 @dataclass
