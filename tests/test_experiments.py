@@ -35,7 +35,8 @@ def store(tmp_path_factory) -> dict[str, Any]:
     import os
 
     saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "RAY_AUTH_MODE")}
-    os.environ.update({key: search_env()[key] for key in saved})
+    os.environ["PYTHONPATH"] = search_env()["PYTHONPATH"]
+    os.environ.pop("RAY_AUTH_MODE", None)  # as csl-search starts Ray: token auth on
     import ray
 
     from search.run import init_ray
