@@ -95,8 +95,8 @@ def test_label_free_study_smoke(tmp_path, monkeypatch):
 
     from experiments import label_free
 
-    for key in ("PYTHONPATH", "RAY_AUTH_MODE"):  # Ray's workers import this checkout
-        monkeypatch.setenv(key, search_env()[key])
+    monkeypatch.setenv("PYTHONPATH", search_env()["PYTHONPATH"])  # Ray's workers import this checkout
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # as csl-search starts Ray: token auth on
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = label_free.main(["--scale", "smoke", "--storage", str(tmp_path), "--mlflow-uri", uri, "--name", "lf",
                             "--num-cpus", "2", "--resamples", "1000"])
