@@ -5,7 +5,8 @@ calls; both return a ``SearchOutcome`` (paths, ranked rows, the text to print).
 
 The order of a run: check the tracking store (seconds, before any compute), build the searcher and scheduler,
 create the MLflow parent run, write ``csl_search.json`` into the experiment folder, start Ray, fit, write
-``results.parquet`` / ``history.parquet`` (also logged to the parent run), end the parent run, stop Ray.
+``results.parquet`` / ``history.parquet`` (also logged to the parent run), end the parent run
+(its best trial by ``search.best``), stop Ray.
 
 The experiment folder ``<storage>/<name>/`` holds Ray's state and checkpoints plus ``csl_search.json`` (the MLflow
 parent run id, tracking URI, resources and budget: what a resume needs), a copy of the space file, and the tables.
@@ -360,20 +361,17 @@ def resume_search(experiment_path: str, *, address: str | None = None, num_cpus:
 def _fit_and_finish(tuner: Any, state: dict[str, Any], started: float) -> SearchOutcome:
     from mlflow import MlflowClient
 
-    from search.results import ranked
+    from search.results import best_trial
     from search.tracking import finish_parent
 
     tuner.fit()
     outcome = write_results(state)
     outcome.wall_time_s = time.time() - started
-    key = f"best_{outcome.metric}"
-    scored = [r for r in outcome.trials if isinstance(r.get(key), float)]
-    best = ranked(scored, outcome.metric, outcome.mode)[0] if scored else None
     local = [] if storage.is_uri(outcome.results_path) else [outcome.results_path, outcome.history_path]
     finish_parent(
-        MlflowClient(tracking_uri=state["tracking_uri"]), state["parent_run_id"], files=local,
-        counts=outcome.counts(), best=(key, float(best[key]), str(best["trial_id"])) if best else None,
-        interrupted=bool(outcome.unfinished()), step=int(state.get("resumes", 0)),
+        MlflowClient(tracking_uri=state["tracking_uri"]), state["parent_run_id"], files=local, counts=outcome.counts(),
+        best=best_trial(outcome.trials, outcome.metric, outcome.mode), interrupted=bool(outcome.unfinished()),
+        step=int(state.get("resumes", 0)),
     )  # fmt: skip
     return outcome
 
@@ -382,7 +380,7 @@ def write_results(state: Mapping[str, Any]) -> SearchOutcome:
     """Read the experiment folder back and write the two tables (MLflow is only read)."""
     from mlflow import MlflowClient
 
-    from search.results import STATUS_FILE, collect, ranking_text, write_tables
+    from search.results import STATUS_FILE, collect, ranking_text, score, write_tables
     from search.tracking import backfill_history, run_columns, trial_runs
 
     path = state["experiment_path"]
@@ -392,12 +390,11 @@ def write_results(state: Mapping[str, Any]) -> SearchOutcome:
         statuses = {}
     client = MlflowClient(tracking_uri=state["tracking_uri"])
     runs = trial_runs(client, state["experiment_id"], state["parent_run_id"])
-    trials, history = collect(
-        path, metric=state["metric"], max_epochs=int(state["max_epochs"]), extra=run_columns(runs), statuses=statuses
-    )
+    trials, history = collect(path, max_epochs=int(state["max_epochs"]), extra=run_columns(runs), statuses=statuses)
     backfill_history(client, trials, history)
+    score(trials, history, metric=state["metric"], mode=state["mode"])
     meta = {"csl.metric": state["metric"], "csl.mode": state["mode"], "csl.space": state.get("space_name", "")}
-    results_path, history_path = write_tables(path, trials, history, meta)
+    results_path, history_path = write_tables(path, trials, history, meta, searched=state.get("shown", []))
     return SearchOutcome(
         experiment_path=path,
         tracking_uri=state["tracking_uri"],

@@ -285,12 +285,14 @@ def backfill_history(client: Any, trials: list[dict[str, Any]], history: list[di
 
 
 def finish_parent(
-    client: Any, run_id: str, *, files: list[str], counts: Mapping[str, int], best: tuple[str, float, str] | None,
-    interrupted: bool, step: int = 0,
+    client: Any, run_id: str, *, files: list[str], counts: Mapping[str, int], best: Any, interrupted: bool,
+    step: int = 0,
 ) -> None:  # fmt: skip
-    """End the parent run: the tables as artifacts, trial counts and the best value as metrics, the status.
+    """End the parent run: the tables as artifacts, trial counts and the best trial, the status.
 
-    ``step``: how many times the search was resumed (the metrics of each end sit at their own step).
+    ``best``: a ``search.best.BestTrial`` (or None): tags ``csl.best_trial``, ``csl.best_run_id``,
+    ``csl.best_epoch``, metrics ``best_<metric>`` and ``best_epoch``. ``step``: how many times the search was
+    resumed (the metrics of each end sit at their own step).
     """
     from mlflow.entities import Metric
 
@@ -300,9 +302,12 @@ def finish_parent(
     metrics = [Metric(f"trials_{status}", float(n), stamp, step) for status, n in counts.items()]
     metrics.append(Metric("trials", float(sum(counts.values())), stamp, step))
     if best is not None:
-        name, value, trial_id = best
-        metrics.append(Metric(name, value, stamp, step))
-        client.set_tag(run_id, "csl.best_trial", trial_id)
+        metrics += [Metric(f"best_{best.metric}", best.value, stamp, step),
+                    Metric("best_epoch", float(best.epoch), stamp, step)]
+        client.set_tag(run_id, "csl.best_trial", best.trial_id)
+        client.set_tag(run_id, "csl.best_epoch", str(best.epoch))
+        if best.run_id:
+            client.set_tag(run_id, "csl.best_run_id", best.run_id)
     client.log_batch(run_id, metrics=metrics)
     client.set_tag(run_id, "csl.search_status", "interrupted" if interrupted else "finished")
     client.set_terminated(run_id, status="KILLED" if interrupted else "FINISHED")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -41,3 +42,29 @@ def cifar_mini() -> tuple[Any, Any]:
 
     return load("cifar10-mini", split="train", limit=TINY["train_limit"]), load("cifar10-mini", split="test",
                                                                                limit=TINY["test_limit"])
+
+
+# ------------------------------------------------------------------------------------------------ "best", transcribed
+# The rule of search.best, read plainly: a trial's best epoch is the epoch of its best finite value (max or min), the
+# earliest of equal ones; trials rank by best value, then the earlier best epoch, then trial id; trials without a
+# finite value come last, by trial id.
+
+
+def transcribed_best(history: dict[int, float], mode: str) -> tuple[int, float] | None:
+    finite = {e: v for e, v in history.items() if v is not None and math.isfinite(v)}
+    if not finite:
+        return None
+    top = max(finite.values()) if mode == "max" else min(finite.values())
+    return min(e for e, v in finite.items() if v == top), top
+
+
+def transcribed_order(histories: dict[str, dict[int, float]], mode: str) -> list[str]:
+    scored, unscored = [], []
+    for trial, history in histories.items():
+        found = transcribed_best(history, mode)
+        if found is None:
+            unscored.append(trial)
+        else:
+            epoch, value = found
+            scored.append((-value if mode == "max" else value, epoch, trial))
+    return [t for *_, t in sorted(scored)] + sorted(unscored)
