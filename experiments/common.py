@@ -262,15 +262,15 @@ class Study:
 
 def run_study(name: str, args: argparse.Namespace, scale: Scale, design: Mapping[str, Any], body: Any) -> int:
     """Start the study run, call ``body(study)`` (which runs the stages), write the report, end the run."""
-    from experiments.report import write_report
+    from experiments.report.build import write_study_report
 
     study = Study.start(name, args, scale, design)
     started = time.time()
     try:
         body(study)
         study.client.log_metric(study.run_id, "study_wall_time_s", time.time() - started)
-        result = write_report(study.tracking_uri, study.run_id, study.folder / "report",
-                              n_resamples=args.resamples, seed=args.seed)
+        result = write_study_report(study.tracking_uri, study.run_id, study.folder / "report",
+                                    n_resamples=args.resamples, seed=args.seed)
     except BaseException as exc:
         study.client.set_tag(study.run_id, "csl.error", f"{type(exc).__name__}: {exc}"[:4000])
         study.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -6,6 +6,7 @@
                               [--seed S] [--max-failures K] [--mlflow-uri URI] [--experiment NAME]
     csl-search resume EXPERIMENT_FOLDER [--address HOST:PORT]
     csl-search compare (--experiment NAME | --parent-run ID) [--mlflow-uri URI | --storage DIR] [--top N]
+    csl-search report (EXPERIMENT_NAME | RUN_ID) [--mlflow-uri URI | --storage DIR] [--out DIR] [--no-log]
 
 Exit codes: 0 done; 1 the search could not run (tracking store unreachable, Ray error); 2 bad input (a space
 file that does not load, an unknown option) - reported in one message, before Ray is started.
@@ -59,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--storage", default=DEFAULT_STORAGE, help="where the default store lives (default: runs)")
     compare.add_argument("--metric", help="metric to compare (default: the search's)")
     compare.add_argument("--top", type=int, default=10, help="configurations to list (default: 10)")
-    from experiments.report import add_arguments as report_arguments
+    from search.report.cli import add_arguments as report_arguments
 
-    report_arguments(sub.add_parser("report", help="Markdown report and plots of a study or search, from MLflow"))
+    report_arguments(sub.add_parser("report", help="Markdown report and plots of a search or study, from MLflow"))
     return parser
 
 
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "resume":
         return _resume(args)
     if args.command == "report":
-        from experiments.report import run as report
+        from search.report.cli import run as report
 
         return report(args)
     return _compare(args)

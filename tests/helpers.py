@@ -44,6 +44,29 @@ def cifar_mini() -> tuple[Any, Any]:
                                                                                limit=TINY["test_limit"])
 
 
+# ------------------------------------------------------------------------------------------------ reading reports
+
+
+def md_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every Markdown table of a report: (header cells, rows of cells)."""
+    found, block = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+        elif block:
+            found.append((block[0], block[2:]))
+            block = []
+    return found
+
+
+def table_with(markdown: str, *header: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table whose header starts with ``header``, as {header cell: cell}."""
+    for head, rows in md_tables(markdown):
+        if head[: len(header)] == list(header):
+            return [dict(zip(head, row, strict=True)) for row in rows]
+    raise AssertionError(f"no table with header {header} in the report")
+
+
 # ------------------------------------------------------------------------------------------------ "best", transcribed
 # The rule of search.best, read plainly: a trial's best epoch is the epoch of its best finite value (max or min), the
 # earliest of equal ones; trials rank by best value, then the earlier best epoch, then trial id; trials without a
