@@ -5,7 +5,8 @@ calls; both return a ``SearchOutcome`` (paths, ranked rows, the text to print).
 
 The order of a run: check the tracking store (seconds, before any compute), build the searcher and scheduler,
 create the MLflow parent run, write ``csl_search.json`` into the experiment folder, start Ray, fit, write
-``results.parquet`` / ``history.parquet`` (also logged to the parent run), end the parent run
+``results.parquet`` / ``history.parquet`` (also logged to the parent run), write the search's report
+(``search.report``: ``<experiment folder>/report/``, logged to the parent under ``report/``), end the parent run
 (its best trial by ``search.best``), stop Ray.
 
 The experiment folder ``<storage>/<name>/`` holds Ray's state and checkpoints plus ``csl_search.json`` (the MLflow
@@ -70,6 +71,7 @@ class SearchOutcome:
     trials: list[dict[str, Any]] = field(default_factory=list)
     table: str = ""
     wall_time_s: float = 0.0
+    report_path: str | None = None  # the report written at the end (None: it failed; the parent says why)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -89,6 +91,7 @@ class SearchOutcome:
             "",
             f"results: {self.results_path}",
             f"history: {self.history_path}",
+            f"report:  {self.report_path or 'not written (see the parent run tag csl.report_warning)'}",
             f"MLflow: experiment '{self.experiment_name}', parent run {self.parent_run_id}",
         ]
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -361,12 +364,14 @@ def resume_search(experiment_path: str, *, address: str | None = None, num_cpus:
 def _fit_and_finish(tuner: Any, state: dict[str, Any], started: float) -> SearchOutcome:
     from mlflow import MlflowClient
 
+    from search.report.build import end_of_search_report
     from search.results import best_trial
     from search.tracking import finish_parent
 
     tuner.fit()
     outcome = write_results(state)
     outcome.wall_time_s = time.time() - started
+    outcome.report_path = end_of_search_report(state["tracking_uri"], state["parent_run_id"], outcome.experiment_path)
     local = [] if storage.is_uri(outcome.results_path) else [outcome.results_path, outcome.history_path]
     finish_parent(
         MlflowClient(tracking_uri=state["tracking_uri"]), state["parent_run_id"], files=local, counts=outcome.counts(),

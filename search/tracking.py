@@ -118,7 +118,12 @@ def start_parent_run(
     params: Mapping[str, Any],
     repo: str | Path,
 ) -> str:
-    """Create the search's parent run with its provenance tags, its options as params, the space as artifact."""
+    """Create the search's parent run with its provenance tags, its options and setup as params
+    (``search.parent_params``), the space as artifact, its data sets as MLflow dataset inputs."""
+    from search.parent_params import search_datasets, setup_params
+
+    datasets = search_datasets(space)
+    params = {**params, **setup_params(space, params, datasets)}
     tags = {
         SEARCH_TAG: experiment_path,
         "csl.space": space.name,
@@ -142,6 +147,9 @@ def start_parent_run(
 
     client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in sorted(params.items())])
     client.log_text(run_id, space.text, f"space/{Path(str(space.path)).name}")
+    inputs = [found for found in (dataset_input(d) for d in datasets) if found is not None]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
     return run_id
 
 
