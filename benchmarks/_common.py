@@ -1,4 +1,4 @@
-"""Helpers shared by the side-by-side benchmarks (throughput, bench_peer, bench_step, bench_quality).
+"""Helpers shared by the side-by-side benchmarks (throughput, bench_peer, bench_step, bench_quality, bench_reproduce).
 
 Timing rules every script follows:
 
@@ -26,6 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import copy  # noqa: E402
+import functools  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -43,7 +45,6 @@ if str(REPO) not in sys.path:
 
 from csl import data as datasets  # noqa: E402
 from csl.encoders._common import scaled  # noqa: E402
-from csl.registry import ENCODER  # noqa: E402
 
 DEFAULT_DATA = "parquet:" + str(REPO.parent / "shared" / "data" / "cifar10")
 SIZE = 32
@@ -246,7 +247,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
-# --------------------------------------------------------------------------------------------- our SimCLR config
+# ------------------------------------------------------------------------------------------- our method configs
 
 
 def simclr_config(*, width: float, batch_size: int, device: torch.device, seed: int, blur: float, lr: float,
@@ -257,28 +258,75 @@ def simclr_config(*, width: float, batch_size: int, device: torch.device, seed: 
     lightly's CIFAR example uses SimCLRProjectionHead(512, 512, 128) on a ResNet-18; at width w both heads are
     (512w -> 512w -> 128w), and our ``mlp_bn`` head has its layers (a BatchNorm after the last one too; the
     preset's ``mlp`` has none there). Adam, weight decay 1e-6 (the preset's), no warm-up: the cosine schedule from
-    step 0.
+    step 0. Colour-jitter strength 1.0, lightly's ``cj_strength`` default (the simclr pipeline's own default at
+    32 px is SimCLR's CIFAR value 0.5), so both sides jitter alike.
     """
     return {
         "method": "simclr", "encoder": "resnet18", "width": width, "batch_size": batch_size, "head": head,
         "proj_hidden": scaled(512, width), "proj_dim": scaled(128, width), "temperature": temperature,
         "optimizer": "adam", "lr": lr, "weight_decay": 1e-6, "warmup_epochs": 0, "epochs": epochs,
-        "blur_prob": blur, "device": str(device), "seed": seed, "data": data,
+        "blur_prob": blur, "jitter_strength": 1.0, "device": str(device), "seed": seed, "data": data,
+    }
+
+
+def byol_config(*, width: float, batch_size: int, device: torch.device, seed: int, blur: float,
+                lr: float | None = None, epochs: int = 1, data: str = DEFAULT_DATA) -> dict[str, Any]:
+    """Our byol preset on lightly's documented CIFAR-10 BYOL set-up, scaled with the width.
+
+    lightly's BYOL example and CIFAR-10 benchmark: BYOLProjectionHead(512, 1024, 256) and BYOLPredictionHead(256,
+    1024, 256) on a ResNet-18 (ours: the preset's ``mlp`` head and predictor, the same layers), SGD lr 0.06 x
+    batch / 128 with momentum 0.9 and weight decay 5e-4 (instead of the preset's ImageNet LARS), the target's
+    momentum from 0.996 to 1 on a cosine (the preset's), both views blurred with probability ``blur`` (lightly's
+    CIFAR setting disables blur) and the second solarized with 0.2 (the preset's, BYOLView2Transform's).
+    """
+    return {
+        "method": "byol", "encoder": "resnet18", "width": width, "batch_size": batch_size,
+        "proj_hidden": scaled(1024, width), "proj_dim": scaled(256, width), "pred_hidden": scaled(1024, width),
+        "optimizer": "sgd", "lr": lr if lr is not None else 0.06 * batch_size / 128, "sgd_momentum": 0.9,
+        "weight_decay": 5e-4, "warmup_epochs": 0, "epochs": epochs, "blur_prob": (blur, blur),
+        "device": str(device), "seed": seed, "data": data,
+    }
+
+
+def moco_config(*, width: float, batch_size: int, device: torch.device, seed: int, blur: float,
+                lr: float | None = None, temperature: float = 0.1, epochs: int = 1, data: str = DEFAULT_DATA
+                ) -> dict[str, Any]:
+    """Our moco_v2 preset (one query -> key loss, queue-only negatives, Linear-ReLU-Linear head, 8 batch-norm
+    splits with the keys shuffled) on MoCo's CIFAR-10 demo recipe, scaled with the width.
+
+    facebookresearch/moco ``colab/moco_cifar10_demo.ipynb`` on a ResNet-18: queue 4,096, key momentum 0.99,
+    temperature 0.1, SGD lr 0.06 x batch / 512 with momentum 0.9 and weight decay 5e-4, cosine, ``--bn-splits 8``;
+    lightly's CIFAR-10 MoCo benchmark agrees on all but the learning rate (0.06 x batch / 128). The head is MoCo
+    v2's at the encoder's width, 512w -> 512w -> 128w as lightly's MoCoProjectionHead(512, 512, 128).
+    """
+    return {
+        "method": "moco_v2", "encoder": "resnet18", "width": width, "batch_size": batch_size,
+        "proj_dim": scaled(128, width), "temperature": temperature, "queue_size": 4096, "bn_splits": 8,
+        "target_momentum": 0.99, "target_momentum_final": 0.99,
+        "optimizer": "sgd", "lr": lr if lr is not None else 0.06 * batch_size / 512, "sgd_momentum": 0.9,
+        "weight_decay": 5e-4, "warmup_epochs": 0, "epochs": epochs, "blur_prob": blur,
+        "device": str(device), "seed": seed, "data": data,
     }
 
 
 # -------------------------------------------------------------------------------------------------------- lightly
 
+PEER_METHODS = ("simclr", "byol", "moco_v2")
+
 
 def import_lightly() -> Any:
+    """lightly's package, or a clear exit saying how to install it."""
     try:
-        import lightly  # noqa: F401
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
-        from lightly.transforms import SimCLRTransform
+        import lightly
+        import lightly.loss
+        import lightly.models.batchnorm
+        import lightly.models.modules
+        import lightly.models.utils
+        import lightly.transforms
+        import lightly.utils.scheduler
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise SystemExit(f"this benchmark needs lightly: pip install -e '.[bench]' ({error})") from None
-    return NTXentLoss, SimCLRProjectionHead, SimCLRTransform
+    return lightly
 
 
 class PooledEncoder(nn.Module):
@@ -293,14 +341,15 @@ class PooledEncoder(nn.Module):
 
 
 class LightlySimCLR(nn.Module):
-    """lightly's documented SimCLR model: ``projection_head(backbone(x))``, one view at a time."""
+    """lightly's documented SimCLR model: ``projection_head(backbone(x))``, one view at a time, NTXentLoss."""
 
-    def __init__(self, width: float) -> None:
+    def __init__(self, encoder: nn.Module, config: Mapping[str, Any]) -> None:
         super().__init__()
-        _, SimCLRProjectionHead, _ = import_lightly()
-        self.backbone = PooledEncoder(ENCODER.build("resnet18", width=width))
-        dim = self.backbone.encoder.vector_dim
-        self.projection_head = SimCLRProjectionHead(dim, scaled(512, width), scaled(128, width))
+        lightly = import_lightly()
+        self.backbone = PooledEncoder(encoder)
+        self.projection_head = lightly.models.modules.SimCLRProjectionHead(
+            encoder.vector_dim, config["proj_hidden"], config["proj_dim"])
+        self.criterion = lightly.loss.NTXentLoss(temperature=config["temperature"])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x))
@@ -308,6 +357,129 @@ class LightlySimCLR(nn.Module):
     def representation(self, x: Tensor) -> Tensor:
         """What ``csl.evaluate.extract_features`` reads: the backbone's pooled vector."""
         return self.backbone(x)
+
+    def loss(self, x0: Tensor, x1: Tensor, *, step: int, total_steps: int, cast: Callable[[], Any]) -> Tensor:
+        with cast():
+            z0 = self(x0)
+            z1 = self(x1)
+        return self.criterion(z0.float(), z1.float())
+
+
+class LightlyBYOL(nn.Module):
+    """lightly's documented BYOL (``examples/pytorch/byol.py``): online backbone, projection and prediction heads,
+    momentum copies of backbone and projection head updated by ``update_momentum`` at the start of each step with
+    ``cosine_schedule(step, total, base, 1)``, ``NegativeCosineSimilarity`` in both directions averaged.
+
+    lightly's criterion is −cos; BYOL's (and ours) 2 − 2cos: the same up to a constant and a factor 2, which lightly's
+    own ImageNet BYOL benchmark puts in (``2 * criterion``), so it is put in here too and both sides take the
+    same gradients.
+    """
+
+    def __init__(self, encoder: nn.Module, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        lightly = import_lightly()
+        heads, utils = lightly.models.modules, lightly.models.utils
+        self.backbone = PooledEncoder(encoder)
+        self.projection_head = heads.BYOLProjectionHead(encoder.vector_dim, config["proj_hidden"], config["proj_dim"])
+        self.prediction_head = heads.BYOLPredictionHead(config["proj_dim"], config["pred_hidden"], config["proj_dim"])
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        utils.deactivate_requires_grad(self.backbone_momentum)
+        utils.deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = lightly.loss.NegativeCosineSimilarity()
+        self.momentum = (config["target_momentum"], config["target_momentum_final"])
+        self._update, self._schedule = utils.update_momentum, lightly.utils.scheduler.cosine_schedule
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.prediction_head(self.projection_head(self.backbone(x)))
+
+    @torch.no_grad()
+    def forward_momentum(self, x: Tensor) -> Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x)).detach()
+
+    def representation(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def loss(self, x0: Tensor, x1: Tensor, *, step: int, total_steps: int, cast: Callable[[], Any]) -> Tensor:
+        m = self._schedule(step, total_steps, *self.momentum)
+        self._update(self.backbone, self.backbone_momentum, m=m)
+        self._update(self.projection_head, self.projection_head_momentum, m=m)
+        with cast():
+            p0, z0 = self(x0), self.forward_momentum(x0)
+            p1, z1 = self(x1), self.forward_momentum(x1)
+        return 2 * 0.5 * (self.criterion(p0.float(), z1.float()) + self.criterion(p1.float(), z0.float()))
+
+
+class LightlyMoCo(nn.Module):
+    """lightly's documented MoCo (``examples/pytorch/moco.py``, the CIFAR-10 benchmark's ``MocoModel``): backbone
+    with lightly's ``SplitBatchNorm`` (``num_splits`` 8), ``MoCoProjectionHead``, momentum copies updated by
+    ``update_momentum`` at the start of each step, the key batch through ``batch_shuffle``/``batch_unshuffle``,
+    and ``NTXentLoss`` with a memory bank of (K, dim) as the queue. One query -> key direction per step, as MoCo
+    v2 (the CIFAR benchmark symmetrises; the MoCo v2 code does not)."""
+
+    def __init__(self, encoder: nn.Module, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        lightly = import_lightly()
+        utils = lightly.models.utils
+        self.backbone = PooledEncoder(encoder)
+        dim = encoder.vector_dim
+        self.projection_head = lightly.models.modules.MoCoProjectionHead(dim, dim, config["proj_dim"])
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        utils.deactivate_requires_grad(self.backbone_momentum)
+        utils.deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = lightly.loss.NTXentLoss(temperature=config["temperature"],
+                                                 memory_bank_size=(config["queue_size"], config["proj_dim"]))
+        self.momentum = config["target_momentum"]
+        self._update, self._shuffle, self._unshuffle = utils.update_momentum, utils.batch_shuffle, utils.batch_unshuffle
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projection_head(self.backbone(x))
+
+    @torch.no_grad()
+    def forward_momentum(self, x: Tensor) -> Tensor:
+        x, shuffle = self._shuffle(x)
+        key = self.projection_head_momentum(self.backbone_momentum(x))
+        return self._unshuffle(key, shuffle).detach()
+
+    def representation(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def loss(self, x0: Tensor, x1: Tensor, *, step: int, total_steps: int, cast: Callable[[], Any]) -> Tensor:
+        self._update(self.backbone, self.backbone_momentum, m=self.momentum)
+        self._update(self.projection_head, self.projection_head_momentum, m=self.momentum)
+        with cast():
+            query = self(x0)
+            key = self.forward_momentum(x1)
+        return self.criterion(query.float(), key.float())
+
+
+def lightly_encoder(run: Any) -> nn.Module:
+    """A copy of ``run``'s initial encoder for lightly's side: the same network and weights. Where ours splits
+    batch norm, lightly's own ``SplitBatchNorm`` (what its CIFAR-10 MoCo benchmark builds) takes our layers' place;
+    it keeps per-split running statistics, so only the weights are copied (the running statistics start at their
+    defaults on both sides)."""
+    from csl.encoders.resnet import build_resnet
+
+    encoder = copy.deepcopy(run.model.encoder)
+    splits = getattr(encoder, "bn_splits", 1)
+    if splits == 1:
+        return encoder
+    split_norm = import_lightly().models.batchnorm.SplitBatchNorm
+    depth = int(run.config["encoder"].removeprefix("resnet"))
+    peer = build_resnet(run.config["encoder"], depth, width=run.config["width"], stem=run.config.get("stem", "cifar"),
+                        zero_init_residual=True, norm_layer=functools.partial(split_norm, num_splits=splits))
+    weights = {k: v for k, v in encoder.state_dict().items() if not k.endswith(STATISTICS)}
+    missing, unexpected = peer.load_state_dict(weights, strict=False)
+    if unexpected or not all(k.endswith(STATISTICS) for k in missing):
+        raise RuntimeError(f"lightly's encoder differs from ours: missing {missing}, unexpected {unexpected}")
+    return peer
+
+
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+LIGHTLY_MODELS: dict[str, Callable[[nn.Module, Mapping[str, Any]], nn.Module]] = {
+    "simclr": LightlySimCLR, "byol": LightlyBYOL, "moco_v2": LightlyMoCo,
+}
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -328,17 +500,28 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(self.images[index]), self.labels[index]
 
 
-def lightly_loader(data: Any, *, mean: Sequence[float], std: Sequence[float], blur: float, batch_size: int,
-                   workers: int, device: torch.device, seed: int, persistent: bool = False
-                   ) -> torch.utils.data.DataLoader:
-    """lightly's documented SimCLR data path: SimCLRTransform on PIL images in a shuffling DataLoader.
+def lightly_transform(method: str, *, mean: Sequence[float], std: Sequence[float], blur: float) -> Any:
+    """lightly's documented two-view transform of ``method`` at 32 px, blur probability ``blur`` for both views
+    (lightly's CIFAR examples set gaussian_blur=0.0), normalised like ours (the training set's mean and std,
+    instead of lightly's ImageNet default)."""
+    transforms = import_lightly().transforms
+    normalize = {"mean": list(mean), "std": list(std)}
+    if method == "simclr":
+        return transforms.SimCLRTransform(input_size=SIZE, gaussian_blur=blur, normalize=normalize)
+    if method == "byol":
+        return transforms.BYOLTransform(
+            view_1_transform=transforms.BYOLView1Transform(input_size=SIZE, gaussian_blur=blur, normalize=normalize),
+            view_2_transform=transforms.BYOLView2Transform(input_size=SIZE, gaussian_blur=blur, normalize=normalize))
+    if method == "moco_v2":
+        return transforms.MoCoV2Transform(input_size=SIZE, gaussian_blur=blur, normalize=normalize)
+    raise ValueError(f"no lightly peer for method '{method}'; choose one of {', '.join(PEER_METHODS)}")
 
-    input_size 32, blur probability ``blur`` (lightly's CIFAR example sets gaussian_blur=0.0), and the same
-    normalisation as ours (the training set's mean and std, instead of lightly's ImageNet default).
-    """
-    _, _, SimCLRTransform = import_lightly()
-    transform = SimCLRTransform(input_size=SIZE, gaussian_blur=blur,
-                                normalize={"mean": list(mean), "std": list(std)})
+
+def lightly_loader(data: Any, *, mean: Sequence[float], std: Sequence[float], blur: float, batch_size: int,
+                   workers: int, device: torch.device, seed: int, persistent: bool = False, method: str = "simclr"
+                   ) -> torch.utils.data.DataLoader:
+    """lightly's documented data path: its transform of ``method`` on PIL images in a shuffling DataLoader."""
+    transform = lightly_transform(method, mean=mean, std=std, blur=blur)
     return torch.utils.data.DataLoader(
         PILDataset(data.images, data.labels, transform), batch_size=batch_size, shuffle=True, drop_last=True,
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
@@ -347,51 +530,70 @@ def lightly_loader(data: Any, *, mean: Sequence[float], std: Sequence[float], bl
 
 
 class LightlyTrainer:
-    """lightly's documented SimCLR loop, with the network settings its documentation gives or those of ours.
+    """lightly's documented loop for a method, with the network settings its documentation gives or those of ours.
 
-    Per step: two views from the DataLoader to the device, ``z0 = model(x0)``, ``z1 = model(x1)``,
-    ``NTXentLoss(z0, z1)``, backward, Adam step. ``like(run, settings=...)`` picks the network settings:
+    Per step: two views from the DataLoader to the device, the model's documented loss (``LightlySimCLR.loss``
+    etc.: momentum updates first where the method has them), backward, optimiser step. The optimiser and its
+    hyperparameters are our run's (``torch.optim.Adam`` or ``SGD`` with the same learning rate, weight decay and
+    momentum), the learning rate set per step by the caller. ``like(run, settings=...)`` picks the network
+    settings:
 
-    - ``documented``: what lightly's SimCLR examples run: float32, the default memory format, ``torch.optim.Adam``
-      without ``fused``: lightly's SimCLR as its documentation sets it up;
+    - ``documented``: what lightly's examples run: float32, the default memory format, the optimiser without
+      ``fused``: lightly as its documentation sets it up;
     - ``ours``: our trainer's settings for ``run`` (``run.autocast``: bf16 where the device computes it natively,
-      ``run.channels_last``, Adam fused where ours is, on CUDA), so both networks do the same arithmetic and the
-      comparison is of the data paths alone.
+      ``run.channels_last``, the optimiser fused where ours is, on CUDA), so both networks do the same arithmetic
+      and the comparison is of the data paths alone.
     """
 
     SETTINGS = ("documented", "ours")
 
-    def __init__(self, model: LightlySimCLR, *, device: torch.device, lr: float, temperature: float,
-                 autocast: bool, channels_last: bool, fused: bool, weight_decay: float = 1e-6) -> None:
-        NTXentLoss, _, _ = import_lightly()
+    def __init__(self, model: nn.Module, *, device: torch.device, optimizer: str, lr: float, weight_decay: float,
+                 sgd_momentum: float, autocast: bool, channels_last: bool, fused: bool, total_steps: int) -> None:
         self.device = device
         self.autocast = autocast
         self.channels_last = channels_last
         self.model = model.to(device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.criterion = NTXentLoss(temperature=temperature)
         self.lr = lr
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay,
-                                          fused=fused or None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay,
+                                                                     fused=fused or None)
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=sgd_momentum, weight_decay=weight_decay,
+                                             fused=fused or None)
+        else:
+            raise ValueError(f"lightly's side takes adam or sgd, not {optimizer!r}")
+        self.steps = 0
+        self.total_steps = total_steps
 
     @classmethod
-    def like(cls, run: Any, width: float, *, lr: float, temperature: float, settings: str = "documented"
-             ) -> LightlyTrainer:
-        """lightly's SimCLR on ``run``'s device with the ``settings`` network settings (see the class), its backbone
-        starting from our weights."""
+    def like(cls, run: Any, width: float | None = None, *, settings: str = "documented") -> LightlyTrainer:
+        """lightly's model of ``run``'s method on ``run``'s device, with ``run``'s recipe (``run.config``) and the
+        ``settings`` network settings (see the class), its encoder starting from our weights. ``width`` is
+        ``run.config['width']`` (kept for callers that pass it)."""
         if settings not in cls.SETTINGS:
             raise ValueError(f"settings must be one of {cls.SETTINGS}, got {settings!r}")
+        config = run.config
+        if width is not None and width != config["width"]:
+            raise ValueError(f"width {width} is not the run's ({config['width']})")
+        if config["method"] not in LIGHTLY_MODELS:
+            raise ValueError(f"no lightly peer for method '{config['method']}'; choose one of "
+                             f"{', '.join(PEER_METHODS)}")
         ours = settings == "ours"
-        peer = cls(LightlySimCLR(width), device=run.device, lr=lr, temperature=temperature,
+        model = LIGHTLY_MODELS[config["method"]](lightly_encoder(run), config)
+        return cls(model, device=run.device, optimizer=config["optimizer"], lr=config["lr"],
+                   weight_decay=config["weight_decay"], sgd_momentum=config["sgd_momentum"],
                    autocast=ours and run.autocast, channels_last=ours and run.channels_last,
-                   fused=ours and run.device.type == "cuda")
-        peer.model.backbone.encoder.load_state_dict(run.model.encoder.state_dict())
-        return peer
+                   fused=ours and run.device.type == "cuda", total_steps=run.total_steps)
 
     def set_lr_factor(self, factor: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * factor
+
+    def _cast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def step(self, batch: Any) -> Tensor:
         (x0, x1), _ = batch
@@ -400,13 +602,11 @@ class LightlyTrainer:
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
             x1 = x1.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            z0 = self.model(x0)
-            z1 = self.model(x1)
-        loss = self.criterion(z0.float(), z1.float())
+        loss = self.model.loss(x0, x1, step=self.steps, total_steps=self.total_steps, cast=self._cast)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
+        self.steps += 1
         return loss.detach()
 
 
@@ -463,7 +663,8 @@ def run_block(run: Any, batches: Iterator[tuple[Tensor, Tensor]]) -> Block:
 
 def ours_and_lightly(config: dict[str, Any], train: Any, test: Any, args: Any, width: float, device: torch.device,
                      settings: Sequence[str] = ("documented",)) -> tuple[Any, dict[str, Any], Any]:
-    """Our ``Run`` and lightly's documented SimCLR set up alike: same network weights, data and recipe.
+    """Our ``Run`` of ``config`` (simclr, byol or moco_v2) and lightly's documented implementation of its method
+    set up alike: same network and initial encoder weights, data, recipe (lightly's side reads ``run.config``).
 
     ``config`` takes ``args.amp`` and ``args.channels_last`` (our trainer's options). Returns (ours, one lightly
     trainer per name in ``settings``, lightly's DataLoader); every peer starts from our initial weights.
@@ -474,8 +675,8 @@ def ours_and_lightly(config: dict[str, Any], train: Any, test: Any, args: Any, w
     peers = {}
     for name in settings:
         torch.manual_seed(args.seed)
-        peers[name] = LightlyTrainer.like(ours, width, lr=args.lr, temperature=args.temperature, settings=name)
+        peers[name] = LightlyTrainer.like(ours, width, settings=name)
     mean, std = ours.train_data.mean_std()
-    loader = lightly_loader(train, mean=mean, std=std, blur=args.blur, batch_size=args.batch_size,
-                            workers=args.workers, device=device, seed=args.seed)
+    loader = lightly_loader(train, mean=mean, std=std, blur=args.blur, batch_size=ours.config["batch_size"],
+                            workers=args.workers, device=device, seed=args.seed, method=ours.config["method"])
     return ours, peers, loader

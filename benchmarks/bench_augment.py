@@ -96,7 +96,8 @@ Epoch = Callable[[], None]
 
 def ours_epoch(images: torch.Tensor, batch_size: int, threads: int, seed: int) -> Epoch:
     """Our pipeline on whole batches, on the images' device (uint8 there, as the trainer holds them)."""
-    pipeline = AUGMENT.build("simclr", image_size=SIZE, mean=MEAN, std=STD)
+    # the ImageNet recipe the torchvision side runs (at 32 px the pipeline's own defaults are SimCLR's CIFAR ones)
+    pipeline = AUGMENT.build("simclr", image_size=SIZE, mean=MEAN, std=STD, jitter_strength=1.0, blur_prob=0.5)
     generator = torch.Generator(device=images.device).manual_seed(seed)
 
     def run_epoch() -> None:

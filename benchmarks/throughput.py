@@ -100,7 +100,8 @@ def config_of(name: str) -> str:
 def augment_throughput(args: argparse.Namespace, device: torch.device) -> None:
     data = load_split(args.data, "train", args.aug_limit)
     mean, std = data.mean_std()
-    pipeline = AUGMENT.build("simclr", image_size=32, mean=mean, std=std)
+    # jitter 1.0 and blur p 0.5 as lightly's side (at 32 px the pipeline's own defaults are SimCLR's CIFAR ones)
+    pipeline = AUGMENT.build("simclr", image_size=32, mean=mean, std=std, jitter_strength=1.0, blur_prob=0.5)
     on_device = data.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     count = (len(data) // args.batch_size) * args.batch_size

@@ -85,9 +85,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(progress_line(run.epoch, run.config["epochs"], metrics), flush=True)
         if args.checkpoint:
             run.save(args.checkpoint)
-    if args.linear_epochs:
+    if args.linear_epochs and run.test_data is None:
+        print(f"linear evaluation skipped: {run.unmeasured['knn_acc']}")
+    elif args.linear_epochs:
         batch = max(256, run.config["batch_size"])
-        tx, ty = extract_features(run.model, run.pipeline, run.train_data, batch_size=batch, device=run.device,
+        tx, ty = extract_features(run.model, run.pipeline, run.eval_train, batch_size=batch, device=run.device,
                                   autocast=run.autocast)
         vx, vy = extract_features(run.model, run.pipeline, run.test_data, batch_size=batch, device=run.device,
                                   autocast=run.autocast)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from csl.data.folder import LABEL_MODES
 from csl.extract.heads import HEADS
 from csl.registry import ASPECTS, ChoiceError
 
@@ -20,14 +21,26 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "data": "cifar10-mini",
     "data_root": None,
     "download": False,
+    "labels": "auto",  # the SSL data's labels: auto (what it has) or none (read unlabelled; csl.data)
     "train_limit": None,
-    "test_limit": None,
+    "test_limit": None,  # the evaluation queries: the test split of eval_data, else of data
+    # A labelled set for kNN (its train split the bank, cut to eval_train_limit; its test split the queries, cut
+    # to test_limit), resized to the training image size; None: data's own splits, when it has labels.
+    "eval_data": None,
+    "eval_train_limit": None,
+    # SSL training images held out for the label-free metrics (csl.label_free), drawn once with a fixed seed (the
+    # same images in every trial) and never trained on. None: min(1024, 1/40 of the training set), under 5% of
+    # an epoch (benchmarks/bench_label_free.py); 0: no label-free metrics.
+    "label_free_samples": None,
     "epochs": 10,
     "batch_size": 256,
     "optimizer": "adam",
     "lr": 1e-3,
     "weight_decay": 1e-6,
     "sgd_momentum": 0.9,
+    "adam_beta1": 0.9,  # Adam's and AdamW's betas and eps (csl.optim.build_optimizer)
+    "adam_beta2": 0.999,
+    "adam_eps": 1e-8,
     "warmup_epochs": 0,
     "target_momentum": None,
     "target_momentum_final": 1.0,
@@ -47,7 +60,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 # Options whose values are names, with the allowed ones, checked by resolve so that a space file naming a wrong one
 # fails when it is loaded (csl.model.encode_views says what the two views options do; csl.extract.heads the heads).
-OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS}
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS,
+                                              "labels": LABEL_MODES}
 
 
 def known_options() -> set[str]:

@@ -1,6 +1,8 @@
-"""Evaluation of a representation: kNN, the online linear probe, and offline linear evaluation.
+"""Evaluation of a representation: kNN, the online linear probe, offline linear evaluation, and the features the
+label-free metrics read (``csl.label_free``).
 
-All three read the encoder's pooled vector on deterministic (un-augmented) views, and never train the encoder.
+All read the encoder's pooled vector, on deterministic (un-augmented) views except the label-free metrics'
+augmented pair, and never train the encoder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,29 @@ def extract_features(model: Any, pipeline: Any, data: Any, *, batch_size: int, d
         labels.append(y.to(device))
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def label_free_features(model: Any, pipeline: Any, data: Any, *, seed: int, batch_size: int, device: torch.device,
+                        autocast: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Pooled vectors of every image of ``data`` in its stored order: un-augmented, and of two augmented views.
+
+    The views come from a generator made here with ``seed``: every call (every epoch, every trial) sees the same
+    views of the same images, and the training generator's stream is never touched.
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    clean, view_a, view_b = [], [], []
+    for images, _ in data.ordered_batches(batch_size):
+        images = images.to(device, non_blocking=True)
+        a, b = pipeline(images, generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            clean.append(model.representation(pipeline.eval_view(images)).float())
+            view_a.append(model.representation(a).float())
+            view_b.append(model.representation(b).float())
+    model.train(was_training)
+    return torch.cat(clean), torch.cat(view_a), torch.cat(view_b)
 
 
 @torch.no_grad()

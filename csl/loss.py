@@ -4,6 +4,8 @@ A loss is an ``nn.Module`` called as ``loss(scores, pairs)``. It may declare wha
 model, checked when the model is built (``csl.model.build_model``), never during training:
 - ``needs_target``: a momentum (EMA) target network must produce the candidates;
 - ``queue_size``: how many past candidates to keep as extra negatives (MoCo);
+- ``needs_raw_scores``: the loss is also called with ``raw_scores=``, the scores before the similarity's tanh
+  clip (``csl.similarity``: the clip stays in the similarity, which hands both);
 - ``incompatibility(similarity)``: a reason this loss cannot work with that similarity, or None.
 
 To add a loss: write one builder below with ``@LOSS.register("name")``.
@@ -23,6 +25,7 @@ from csl.types import Pairs
 class Loss(nn.Module):
     needs_target: bool = False
     queue_size: int = 0
+    needs_raw_scores: bool = False
 
     def incompatibility(self, similarity: nn.Module) -> str | None:
         return None
@@ -75,18 +78,24 @@ class InfoNCE(Loss):
 
 
 class AmdimNCE(Loss):
-    """AMDIM's NCE plus its score regulariser ``reg_weight · mean(s²)``, which keeps the logits from drifting.
+    """AMDIM's NCE plus its score regulariser ``reg_weight · mean(s²)`` on the scores *before* the tanh clip.
 
-    AMDIM regularises the raw scores before its tanh clip; here the clip lives in the similarity, so the
-    regulariser sees the clipped scores (bounded by tclip), which serves the same purpose.
+    amdim-public ``costs.py`` (``NCE_MI_MULTI._model_scores``): ``lgt_reg = 5e-2 * (raw_scores**2.).mean()`` is
+    taken over every score of the comparison, then the scores are clipped and enter the NCE. The regulariser is
+    what keeps the raw scores from growing until the clip saturates; on clipped scores it would be bounded by tclip²
+    and its gradient would vanish exactly there. So this loss declares ``needs_raw_scores`` and the model hands it
+    the similarity's scores before and after the clip; called without them (no clip), the scores are the raw ones.
     """
+
+    needs_raw_scores = True
 
     def __init__(self, reg_weight: float) -> None:
         super().__init__()
         self.reg_weight = reg_weight
 
-    def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
-        return nce_per_positive(scores, pairs) + self.reg_weight * scores.pow(2).mean()
+    def forward(self, scores: Tensor, pairs: Pairs, raw_scores: Tensor | None = None) -> Tensor:
+        raw = scores if raw_scores is None else raw_scores
+        return nce_per_positive(scores, pairs) + self.reg_weight * raw.pow(2).mean()
 
 
 class ByolLoss(Loss):
@@ -108,19 +117,42 @@ class ByolLoss(Loss):
 
 
 class MocoLoss(InfoNCE):
-    """MoCo: InfoNCE whose negatives include a queue of past target candidates (kept by ``csl.model``).
+    """MoCo: InfoNCE of each query against its key and a queue of past keys (the queue: ``csl.model.NegativeQueue``).
 
-    The keys of the other images in the batch are negatives too (both views, as the extraction pairs them); with a
-    queue of thousands they are a small share of the negatives.
+    facebookresearch/moco ``moco/builder.py`` ``MoCo.forward``: logits ``[q·k⁺, q·queue] / T``, label 0,
+    cross-entropy; the negatives are the queue's K keys only. That is ``batch_negatives=False`` here: of the
+    batch's candidates only each anchor's positive is scored, so the logits are exactly MoCo's ``[l_pos, l_neg]``.
+    ``batch_negatives=True`` lets the batch's other candidates (the other images' keys, both views in a
+    symmetric comparison) be negatives too, as SimCLR's in-batch negatives. Anchors with several positives (a
+    vector against every location) keep their positives and the queue. The queued keys are the last
+    ``queue_size`` candidates (``csl.types.Pairs``: the queue's are appended after the batch's).
     """
 
     needs_target = True
 
-    def __init__(self, queue_size: int) -> None:
+    def __init__(self, queue_size: int, batch_negatives: bool) -> None:
         super().__init__()
         if queue_size < 1:
             raise ValueError(f"queue_size must be ≥ 1, got {queue_size}")
         self.queue_size = queue_size
+        self.batch_negatives = batch_negatives
+
+    def forward(self, scores: Tensor, pairs: Pairs) -> Tensor:
+        if self.batch_negatives:
+            return nce_per_positive(scores, pairs)
+        batch = scores.shape[1] - self.queue_size
+        if batch < 1:
+            raise ValueError(f"loss 'moco' expects its {self.queue_size} queued keys after the batch's candidates, "
+                             f"got {scores.shape[1]} candidates in all")
+        queued = scores[:, batch:]
+        if pairs.positive_index is not None:
+            positive = scores.gather(1, pairs.positive_index[:, None])
+            logits = torch.cat([positive, queued], dim=1)
+            return F.cross_entropy(logits, torch.zeros_like(pairs.positive_index))
+        positives = pairs.positive_mask()
+        in_batch = torch.arange(scores.shape[1], device=scores.device) < batch
+        exclude = in_batch[None, :] & ~positives
+        return nce_per_positive(scores, Pairs(pairs.anchors, pairs.candidates, positives, exclude, pairs.name))
 
 
 class TripletLoss(Loss):
@@ -152,8 +184,9 @@ def byol() -> Loss:
 
 
 @LOSS.register("moco")
-def moco(*, queue_size: int = 4096) -> Loss:
-    return MocoLoss(queue_size)
+def moco(*, queue_size: int = 4096, batch_negatives: bool = False) -> Loss:
+    """queue_size: MoCo's K (65,536 on ImageNet; 4,096 in its CIFAR demo, where the demo finds it saturates)."""
+    return MocoLoss(queue_size, batch_negatives)
 
 
 @LOSS.register("triplet")

@@ -1,8 +1,10 @@
 """Optimisers and the learning-rate schedule.
 
-``adam``, ``adamw`` and ``sgd`` are torch's (fused kernels on CUDA). ``lars`` is LARS (You et al. 2017) as SimCLR
-and BYOL use it: SGD with momentum whose step is scaled per layer by the trust ratio ‖w‖/‖g + wd·w‖; biases and
-normalisation weights (1-D parameters) are left out of both the adaptation and the weight decay, as in SimCLR.
+``adam``, ``adamw`` and ``sgd`` are torch's (fused kernels on CUDA); Adam's betas and eps are options because
+references set them (AMDIM: betas (0.8, 0.999), amdim-public ``task_self_supervised.py``). ``lars`` is LARS (You
+et al. 2017) as SimCLR and BYOL use it: SGD with momentum whose step is scaled per layer by the trust ratio
+‖w‖/‖g + wd·w‖; biases and normalisation weights (1-D parameters) are left out of both the adaptation and the
+weight decay, as in SimCLR.
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float, sgd_momentum: float,
-                    fused: bool) -> torch.optim.Optimizer:
+                    fused: bool, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8
+                    ) -> torch.optim.Optimizer:
+    """adam_betas, adam_eps: Adam's and AdamW's (torch's defaults unless a preset sets them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        return torch.optim.Adam(params, lr=lr, betas=adam_betas, eps=adam_eps, weight_decay=weight_decay, fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        return torch.optim.AdamW(params, lr=lr, betas=adam_betas, eps=adam_eps, weight_decay=weight_decay,
+                                 fused=fused)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=sgd_momentum, weight_decay=weight_decay, fused=fused)
     if name == "lars":

@@ -4,7 +4,14 @@ A similarity is an ``nn.Module`` taking anchors M×d and candidates K×d and ret
 takes ``temperature`` (scores are divided by it) and ``tclip`` (AMDIM's soft clip ``tclip·tanh(s/tclip)``,
 which keeps NCE logits bounded; ``None`` turns it off).
 
-To add a similarity: write one builder below with ``@SIMILARITY.register("name")``.
+The clip stays here, in the one place that reads ``tclip`` (so it is never applied twice), and every loss keeps
+receiving the scores it has always received. A loss that must also see the scores *before* the clip (AMDIM's
+regulariser ``0.05·mean(s²)`` acts on them: on clipped scores it vanishes exactly where the scores grow) declares
+``needs_raw_scores``, and the model asks the similarity for both with ``raw_and_clipped``, which the base class
+implements once for every choice.
+
+To add a similarity: a subclass of ``Similarity`` that defines ``score``, and one builder below with
+``@SIMILARITY.register("name")``.
 """
 
 from __future__ import annotations
@@ -35,11 +42,15 @@ class Similarity(nn.Module, ABC):
     def score(self, anchors: Tensor, candidates: Tensor) -> Tensor:
         """Raw scores M×K, before temperature and clip."""
 
+    def raw_and_clipped(self, anchors: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
+        """The scores divided by the temperature, before and after the tanh clip (the same tensor without one)."""
+        raw = self.score(anchors.float(), candidates.float()) / self.temperature
+        if self.tclip is None:
+            return raw, raw
+        return raw, self.tclip * torch.tanh(raw / self.tclip)
+
     def forward(self, anchors: Tensor, candidates: Tensor) -> Tensor:
-        scores = self.score(anchors.float(), candidates.float()) / self.temperature
-        if self.tclip is not None:
-            scores = self.tclip * torch.tanh(scores / self.tclip)
-        return scores
+        return self.raw_and_clipped(anchors, candidates)[1]
 
 
 class Dot(Similarity):

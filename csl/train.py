@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,12 +25,19 @@ from torch import nn
 
 from csl import data as datasets
 from csl.config import resolve
-from csl.evaluate import extract_features, knn_accuracy, probe_accuracy
+from csl.evaluate import extract_features, knn_accuracy, label_free_features, probe_accuracy
+from csl.label_free import label_free_metrics
+from csl.metrics import METRICS, unmeasured
 from csl.model import build_model, target_momentum
 from csl.optim import build_optimizer, lr_factor
 
 EpochCallback = Callable[[int, dict[str, float], Callable[[str | Path], None]], None]
 CHECKPOINT_FILE = "state.pt"
+LABEL_FREE_SEED = 0
+"""Seed of the held-out images' choice and of their augmented views: fixed, not the run's ``seed``, so that every
+trial of a search is measured on the same images and views."""
+LABEL_FREE_AUTO = (1024, 40)
+"""``label_free_samples: None``: at most this many images and this fraction (1/40) of the training set."""
 
 
 class Diverged(RuntimeError):
@@ -68,16 +76,53 @@ def uses_bf16(config: Mapping[str, Any], device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(spec: str, split: str, root: str | None, download: bool, limit: int | None) -> Any:
+def _load_cached(spec: str, split: str, root: str | None, download: bool, limit: int | None,
+                 labels: str = "auto") -> Any:
     """Decode a dataset once per process: a search worker reused across trials (reuse_actors) decodes it once."""
-    return datasets.load(spec, split=split, root=root, download=download, limit=limit)
+    return datasets.load(spec, split=split, root=root, download=download, limit=limit, labels=labels)
 
 
-def load_data(config: Mapping[str, Any]) -> tuple[Any, Any]:
-    args = (config["data"], config.get("data_root"), bool(config.get("download")))
-    train_split = "train+unlabeled" if config["data"] == "stl10" else "train"
-    return (_load_cached(args[0], train_split, args[1], args[2], config.get("train_limit")),
-            _load_cached(args[0], "test", args[1], args[2], config.get("test_limit")))
+def load_data(config: Mapping[str, Any]) -> tuple[Any, Any | None]:
+    """The SSL training set, and the data's test split where evaluation reads it (labelled data, no eval_data)."""
+    spec, root, download = config["data"], config.get("data_root"), bool(config.get("download"))
+    labels = config.get("labels", "auto")
+    train_split = "train+unlabeled" if spec == "stl10" else "train"
+    train = _load_cached(spec, train_split, root, download, config.get("train_limit"), labels)
+    if config.get("eval_data") or not datasets.is_labelled(train):
+        return train, None
+    return train, _load_cached(spec, "test", root, download, config.get("test_limit"), labels)
+
+
+def load_eval_data(config: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``eval_data``'s train split (the kNN bank, cut to ``eval_train_limit``) and test split (cut to test_limit)."""
+    spec, root, download = config["eval_data"], config.get("data_root"), bool(config.get("download"))
+    bank = _load_cached(spec, "train", root, download, config.get("eval_train_limit"))
+    if not datasets.is_labelled(bank):
+        raise ValueError(f"eval_data '{spec}' has no labels; name a labelled set (kNN reads its labels)")
+    return bank, _load_cached(spec, "test", root, download, config.get("test_limit"))
+
+
+def hold_out(data: Any, size: int) -> tuple[Any, Any | None]:
+    """(the training set without ``size`` images, those images or None): a choice fixed by ``LABEL_FREE_SEED``."""
+    if size == 0:
+        return data, None
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(LABEL_FREE_SEED))
+    return data.subset(order[size:].sort().values), data.subset(order[:size].sort().values)
+
+
+def label_free_size(config: Mapping[str, Any], n: int) -> int:
+    """How many of the ``n`` training images ``label_free_samples`` holds out (None: ``LABEL_FREE_AUTO``)."""
+    size = config.get("label_free_samples")
+    if size is None:
+        auto = min(LABEL_FREE_AUTO[0], n // LABEL_FREE_AUTO[1])
+        return auto if auto >= 2 else 0
+    if isinstance(size, bool) or not isinstance(size, int) or size == 1 or size < 0:
+        raise ValueError(f"label_free_samples must be 0 (no label-free metrics), an int >= 2 or None (auto), "
+                         f"got {size!r}")
+    if size >= n:
+        raise ValueError(f"label_free_samples {size} holds out the whole training set ({n} images); "
+                         f"lower it or raise train_limit")
+    return size
 
 
 def image_size(data: Any) -> int:
@@ -85,8 +130,24 @@ def image_size(data: Any) -> int:
     return int(size) if size else int(data.images.shape[-1])
 
 
+def _on(data: Any, device: torch.device) -> Any:
+    return data.to(device) if data is not None and hasattr(data, "to") else data
+
+
+def _chosen(metric: str, config: Mapping[str, Any]) -> bool:
+    """Whether the config itself turned ``metric`` off (nothing to tell the user then)."""
+    if metric == "probe_acc":
+        return not config["probe"]
+    return METRICS[metric].held_out and config["label_free_samples"] == 0
+
+
 class Run:
-    """One training run: model, optimiser, probe, RNG and position in the schedule."""
+    """One training run: model, optimiser, probe, RNG and position in the schedule.
+
+    Data: ``train_data`` (the SSL training set, without ``label_free_data``, the images held out for the label-free
+    metrics), ``eval_train`` and ``test_data`` (kNN's bank and queries: ``eval_data``'s splits, else the SSL
+    data's; None where kNN is not measured). ``unmeasured``: the metrics this run does not report, and why.
+    """
 
     def __init__(self, config: Mapping[str, Any], *, data: tuple[Any, Any] | None = None) -> None:
         self.config = resolve(config)
@@ -94,11 +155,7 @@ class Run:
         torch.manual_seed(cfg["seed"])
         self.device = pick_device(cfg["device"])
         train_data, test_data = data if data is not None else load_data(cfg)
-        self.train_data = train_data.to(self.device) if hasattr(train_data, "to") else train_data
-        self.test_data = test_data.to(self.device) if hasattr(test_data, "to") else test_data
-        if len(self.train_data) < cfg["batch_size"]:
-            raise ValueError(f"batch_size {cfg['batch_size']} is larger than the training set "
-                             f"({len(self.train_data)} images): lower batch_size or raise train_limit")
+        self._set_data(train_data, test_data)
         mean, std = self.train_data.mean_std()
         self.pipeline, self.model = build_model(cfg, image_size=image_size(self.train_data), mean=mean, std=std)
         self.on_cuda = self.device.type == "cuda"
@@ -108,11 +165,16 @@ class Run:
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.num_classes = self.train_data.num_classes
-        self.probe = nn.Linear(self.model.encoder.vector_dim, self.num_classes).to(self.device)
+        # Classes of the evaluation set (kNN, linear evaluation); the probe exists only where it is measured.
+        self.num_classes = (self.train_data if self.eval_train is None else self.eval_train).num_classes
+        self.probe: nn.Linear | None = None
+        self.probe_optimizer: torch.optim.Adam | None = None
+        if "probe_acc" not in self.unmeasured:
+            self.probe = nn.Linear(self.model.encoder.vector_dim, self.train_data.num_classes).to(self.device)
+            self.probe_optimizer = torch.optim.Adam(self.probe.parameters(), lr=cfg["probe_lr"])
         self.optimizer = build_optimizer(cfg["optimizer"], self.model, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                         sgd_momentum=cfg["sgd_momentum"], fused=self.on_cuda)
-        self.probe_optimizer = torch.optim.Adam(self.probe.parameters(), lr=cfg["probe_lr"])
+                                         sgd_momentum=cfg["sgd_momentum"], fused=self.on_cuda,
+                                         adam_betas=(cfg["adam_beta1"], cfg["adam_beta2"]), adam_eps=cfg["adam_eps"])
         self.generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
         self.steps_per_epoch = len(self.train_data) // cfg["batch_size"]
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
@@ -123,6 +185,42 @@ class Run:
         if cfg["compile"]:
             self.pipeline.compile(self.device)
         self.last_eval: dict[str, float] = {}
+
+    def _set_data(self, train_data: Any, test_data: Any | None) -> None:
+        """Hold out the label-free images, pick kNN's bank and queries, check the sizes, say what is not measured."""
+        cfg = self.config
+        labelled = datasets.is_labelled(train_data)
+        # What this run does not measure, and why (csl.metrics: the one rule, also the search validator's)
+        self.unmeasured = unmeasured(cfg, labelled=labelled)
+        held = label_free_size(cfg, len(train_data))
+        if held == 0 and cfg["label_free_samples"] is None:
+            self.unmeasured |= {m.name: f"the training set ({len(train_data)} images) is too small to hold out "
+                                "images for them; set label_free_samples" for m in METRICS.values() if m.held_out}
+        train_data, label_free_data = hold_out(train_data, held)
+        # The kNN bank and queries: eval_data's splits, else the SSL data's own (None: kNN not measured)
+        eval_train: Any = None
+        if cfg["eval_data"]:
+            eval_train, test_data = load_eval_data(cfg)
+        elif "knn_acc" in self.unmeasured:
+            test_data = None
+        else:
+            eval_train = train_data
+        self.train_data = _on(train_data, self.device)
+        self.label_free_data = _on(label_free_data, self.device)
+        self.eval_train = self.train_data if eval_train is train_data else _on(eval_train, self.device)
+        self.test_data = _on(test_data, self.device)
+        if len(self.train_data) < cfg["batch_size"]:
+            held_text = f" after {held} held out for the label-free metrics" if held else ""
+            raise ValueError(f"batch_size {cfg['batch_size']} is larger than the training set "
+                             f"({len(self.train_data)} images{held_text}): lower batch_size or raise train_limit"
+                             + (" or lower label_free_samples" if held else ""))
+        by_reason: dict[str, list[str]] = {}
+        for metric, why in self.unmeasured.items():
+            if not _chosen(metric, cfg):
+                by_reason.setdefault(why, []).append(metric)
+        if by_reason:
+            reasons = "; ".join(f"{', '.join(metrics)} ({why})" for why, metrics in by_reason.items())
+            print(f"csl: not measured in this run: {reasons}", file=sys.stderr, flush=True)
 
     def _set_lr(self) -> None:
         factor = lr_factor(self.step, self.total_steps, self.warmup_steps)
@@ -143,7 +241,7 @@ class Run:
         self.optimizer.step()
         if self.model.target is not None:
             self.model.update_target(target_momentum(self.config, self.step / max(1, self.total_steps)))
-        if self.config["probe"]:
+        if self.probe is not None and self.probe_optimizer is not None:
             # Unlabelled images (label −1, STL-10's unlabeled split) are ignored by masking, not by indexing,
             # which would synchronise with the host.
             per_image = F.cross_entropy(self.probe(vectors.detach().float()), labels, ignore_index=-1, reduction="none")
@@ -175,24 +273,41 @@ class Run:
         return {"ssl_loss": loss, "images_per_s": seen / elapsed, "epoch_time": elapsed}
 
     def evaluate(self) -> dict[str, float]:
+        """Every metric this run measures (``csl.metrics``); those in ``unmeasured`` are absent, never faked."""
+        metrics: dict[str, float] = {}
+        if self.test_data is not None:
+            metrics.update(self.evaluate_labels())
+        if self.label_free_data is not None:
+            metrics.update(self.evaluate_label_free())
+        self.last_eval = metrics
+        return metrics
+
+    def evaluate_labels(self) -> dict[str, float]:
+        """kNN accuracy (bank ``eval_train``, queries ``test_data``) and, where it exists, the probe's."""
         batch = max(256, self.config["batch_size"])
-        train_x, train_y = extract_features(self.model, self.pipeline, self.train_data, batch_size=batch,
+        train_x, train_y = extract_features(self.model, self.pipeline, self.eval_train, batch_size=batch,
                                             device=self.device, autocast=self.autocast)
         test_x, test_y = extract_features(self.model, self.pipeline, self.test_data, batch_size=batch,
                                           device=self.device, autocast=self.autocast)
         metrics = {"knn_acc": knn_accuracy(train_x, train_y, test_x, test_y, k=self.config["knn_k"],
                                            temperature=self.config["knn_temperature"], num_classes=self.num_classes)}
-        if self.config["probe"]:
+        if self.probe is not None:
             metrics["probe_acc"] = probe_accuracy(self.probe, test_x, test_y)
-        self.last_eval = metrics
         return metrics
+
+    def evaluate_label_free(self) -> dict[str, float]:
+        """The label-free metrics of the held-out images (``csl.label_free``), on the same views every epoch."""
+        clean, view_a, view_b = label_free_features(
+            self.model, self.pipeline, self.label_free_data, seed=LABEL_FREE_SEED,
+            batch_size=max(256, self.config["batch_size"]), device=self.device, autocast=self.autocast)
+        return label_free_metrics(clean, view_a, view_b)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "probe": self.probe.state_dict(),
-            "probe_optimizer": self.probe_optimizer.state_dict(),
+            "probe": self.probe.state_dict() if self.probe is not None else None,
+            "probe_optimizer": self.probe_optimizer.state_dict() if self.probe_optimizer is not None else None,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             # the device's default generator: what draws without the run's generator use (AMDIM's anchor picks)
@@ -206,8 +321,9 @@ class Run:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.probe.load_state_dict(state["probe"])
-        self.probe_optimizer.load_state_dict(state["probe_optimizer"])
+        if self.probe is not None and self.probe_optimizer is not None and state.get("probe") is not None:
+            self.probe.load_state_dict(state["probe"])
+            self.probe_optimizer.load_state_dict(state["probe_optimizer"])
         # RNG states are CPU byte tensors; torch.load(map_location=cuda) moves them to the GPU, where set_state
         # refuses them
         self.generator.set_state(state["generator"].cpu())

@@ -42,7 +42,7 @@ map comparison, dot product, NCE (csl/presets.py)."""
 # The 1/16-wide encoders and small heads of the framework's own tests (tests/helpers.py): a real run in seconds.
 _TINY = {
     "width": 0.0625, "proj_dim": 16, "proj_hidden": 32, "pred_hidden": 32, "ndf": 64, "n_rkhs": 128, "n_depth": 1,
-    "queue_size": 64, "warmup_epochs": 0,
+    "queue_size": 64, "warmup_epochs": 0, "context_hidden": 32,
 }
 
 

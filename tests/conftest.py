@@ -160,9 +160,12 @@ def ray_cluster() -> Iterator[str]:
 
 
 def _wait_for_nodes(address: str, count: int, process: subprocess.Popen, log: Path, env: Mapping[str, str]) -> None:
+    # A node counts once it is alive *and* its CPU shows in the cluster's available resources: under load the
+    # scheduler can see a new node seconds before its resources, and then places every trial on the head.
     code = (
         "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-        "print(sum(1 for n in ray.nodes() if n['Alive']))"
+        "alive = sum(1 for n in ray.nodes() if n['Alive']); "
+        "print(min(alive, int(ray.available_resources().get('CPU', 0))))"
     )
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -23,6 +23,7 @@ TINY: dict[str, Any] = {
     "n_rkhs": 128,
     "n_depth": 1,
     "queue_size": 64,
+    "context_hidden": 32,
 }
 
 

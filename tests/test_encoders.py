@@ -198,7 +198,8 @@ def test_build_from_flat_config():
     config = {"encoder": "resnet18", "width": TINY, "depth": 101, "temperature": 0.5}
     model = ENCODER.build_from_config("resnet18", config, context={})
     assert model.vector_dim == 32
-    assert ENCODER.context("amdim") == []
+    assert ENCODER.context("resnet18") == []
+    assert ENCODER.context("amdim") == ["image_size"]  # its layout follows the input side (test_fidelity_amdim)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -81,18 +81,21 @@ def test_nt_xent_gradient_masks_self_similarity(path: str) -> None:
 
 
 def test_amdim_nce_global_to_local() -> None:
-    """AMDIM: each (image, location) positive against every location of the other images; + 0.05·mean(s²)."""
+    """AMDIM: each (image, location) positive against every location of the other images, on clipped scores;
+    + 0.05·mean(s²) of the raw scores (the full preset path: tests/test_fidelity_amdim.py)."""
     g = torch.Generator().manual_seed(2)
     n, locs, d, tclip = 3, 4, 6, 5.0
-    glob, local = torch.randn(n, d, generator=g), torch.randn(n, locs, d, generator=g)
+    glob, local = 3 * torch.randn(n, d, generator=g), 3 * torch.randn(n, locs, d, generator=g)
     cand_img = torch.arange(n).repeat_interleave(locs)
     pairs = same_image_pairs(glob, torch.arange(n), local.reshape(-1, d), cand_img, "1:5")
-    scores = SIMILARITY.build("dot", tclip=tclip)(pairs.anchors, pairs.candidates)
-    ours = LOSS.build("amdim_nce", reg_weight=0.05)(scores, pairs)
+    raw_scores, scores = SIMILARITY.build("dot", tclip=tclip).raw_and_clipped(pairs.anchors, pairs.candidates)
+    ours = LOSS.build("amdim_nce", reg_weight=0.05)(scores, pairs, raw_scores=raw_scores)
+
+    def raw(i: int, j: int, l: int) -> float:
+        return sum(a * b for a, b in zip(glob[i].tolist(), local[j, l].tolist())) / math.sqrt(d)
 
     def s(i: int, j: int, l: int) -> float:
-        raw = sum(a * b for a, b in zip(glob[i].tolist(), local[j, l].tolist())) / math.sqrt(d)
-        return tclip * math.tanh(raw / tclip)
+        return tclip * math.tanh(raw(i, j, l) / tclip)
 
     nce, count, reg = 0.0, 0, 0.0
     for i in range(n):
@@ -101,7 +104,7 @@ def test_amdim_nce_global_to_local() -> None:
             pos = s(i, i, l)
             nce += -math.log(math.exp(pos) / (math.exp(pos) + sum(math.exp(x) for x in negatives)))
             count += 1
-        reg += sum(s(i, j, l) ** 2 for j in range(n) for l in range(locs))
+        reg += sum(raw(i, j, l) ** 2 for j in range(n) for l in range(locs))
     reference = nce / count + 0.05 * reg / (n * n * locs)
     assert float(ours) == pytest.approx(reference, **TOL)
 
@@ -117,10 +120,12 @@ def test_byol_is_two_minus_two_cosine(path: str) -> None:
     assert float(ours) == pytest.approx(reference, **TOL)
 
 
+@pytest.mark.parametrize("batch_negatives", [False, True])
 @pytest.mark.parametrize("path", PATHS)
-def test_moco_negatives_include_the_queue(path: str) -> None:
-    """MoCo: −log e^{q·k⁺/τ} / (e^{q·k⁺/τ} + Σ_{k⁻} e^{q·k⁻/τ}), k⁻ over the queue and the keys (both views) of the
-    other images in the batch; the query's own image's same-view key is excluded."""
+def test_moco_negatives_are_the_queue(path: str, batch_negatives: bool) -> None:
+    """MoCo: −log e^{q·k⁺/τ} / (e^{q·k⁺/τ} + Σ_{k⁻} e^{q·k⁻/τ}), k⁻ over the queue (all K entries: it starts full
+    of random keys, here half replaced by past keys); with batch_negatives also over the keys (both views) of the
+    other images in the batch, the query's own image's same-view key excluded."""
     g = torch.Generator().manual_seed(4)
     n, d, tau = 3, 5, 0.2
     qa, qb, ka, kb = (torch.randn(n, d, generator=g) for _ in range(4))
@@ -128,16 +133,19 @@ def test_moco_negatives_include_the_queue(path: str) -> None:
     queue = NegativeQueue(size=8)
     pairs = on_path(two_view_pairs(qa, qb, ka, kb, symmetric=False), path)
     queue.push(Pairs(past, past, torch.zeros(4, 4, dtype=torch.bool), None, pairs.name))
+    queued = queue.rings[pairs.name].clone()
+    assert torch.equal(queued[:4], past) and torch.allclose(queued[4:].norm(dim=1), torch.ones(4))
     extended = queue.extend(pairs)
     scores = SIMILARITY.build("cosine", temperature=tau)(extended.anchors, extended.candidates)
-    ours = LOSS.build("moco", queue_size=8)(scores, extended)
+    ours = LOSS.build("moco", queue_size=8, batch_negatives=batch_negatives)(scores, extended)
 
     total = 0.0
     for q_side, k_side in ((qa, kb), (qb, ka)):
         for i in range(n):
             pos = math.exp(cos(q_side[i], k_side[i]) / tau)
-            neg = sum(math.exp(cos(q_side[i], keys[j]) / tau) for keys in (ka, kb) for j in range(n) if j != i)
-            neg += sum(math.exp(cos(q_side[i], p) / tau) for p in past)
+            neg = sum(math.exp(cos(q_side[i], key) / tau) for key in queued)
+            if batch_negatives:
+                neg += sum(math.exp(cos(q_side[i], keys[j]) / tau) for keys in (ka, kb) for j in range(n) if j != i)
             total += -math.log(pos / (pos + neg))
     assert float(ours) == pytest.approx(total / (2 * n), **TOL)
 
@@ -148,7 +156,7 @@ def test_queue_is_a_ring_buffer() -> None:
         keys = torch.full((1, 2), float(value))
         queue.push(Pairs(keys, keys, torch.ones(1, 1, dtype=torch.bool), None, "x"))
     assert sorted(queue.rings["x"][:, 0].tolist()) == [2.0, 3.0, 4.0]
-    assert queue.filled["x"] == 3
+    assert queue.pointer["x"] == 5 % 3
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -167,12 +175,13 @@ def test_triplet_hardest_negative(path: str) -> None:
     assert float(ours) == pytest.approx(total / 8, **TOL)
 
 
-def random_single_positive(m: int, k: int, with_exclude: bool, dtype: torch.dtype, seed: int
-                           ) -> tuple[torch.Tensor, Pairs]:
-    """Scores M×K and index-form pairs; with exclude, ~30% of candidates excluded and anchor 0 left no negative."""
+def random_single_positive(m: int, k: int, with_exclude: bool, dtype: torch.dtype, seed: int,
+                           positives_below: int | None = None) -> tuple[torch.Tensor, Pairs]:
+    """Scores M×K and index-form pairs; with exclude, ~30% of candidates excluded and anchor 0 left no negative.
+    positives_below: every positive among the first candidates (the batch's, before a queue's)."""
     g = torch.Generator().manual_seed(seed)
     scores = 3 * torch.randn(m, k, generator=g, dtype=dtype)
-    index = torch.randint(k, (m,), generator=g)
+    index = torch.randint(positives_below or k, (m,), generator=g)
     exclude = None
     if with_exclude:
         exclude = torch.rand(m, k, generator=g) < 0.3
@@ -188,14 +197,23 @@ def value_and_grad(loss: torch.nn.Module, scores: torch.Tensor, pairs: Pairs) ->
     return value.detach(), grad
 
 
+# moco's options: 20 of the 53 candidates are its queue, with and without the batch's other candidates as negatives
+LOSS_OPTIONS = {
+    "infonce": ("infonce", {}), "amdim_nce": ("amdim_nce", {}), "moco": ("moco", {"queue_size": 20}),
+    "moco+batch": ("moco", {"queue_size": 20, "batch_negatives": True}),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_exclude", [False, True])
-@pytest.mark.parametrize("name", ["infonce", "amdim_nce", "moco"])
+@pytest.mark.parametrize("name", list(LOSS_OPTIONS))
 def test_index_path_equals_mask_path(name: str, with_exclude: bool, dtype: torch.dtype) -> None:
     """The cross-entropy fast path gives the mask path's value and gradient (amdim_nce: its regulariser too)."""
-    loss = LOSS.build(name)
+    loss_name, options = LOSS_OPTIONS[name]
+    loss = LOSS.build(loss_name, **options)
     for seed in range(3):
-        scores, pairs = random_single_positive(37, 53, with_exclude, dtype, seed)
+        below = 53 - options["queue_size"] if loss_name == "moco" else None
+        scores, pairs = random_single_positive(37, 53, with_exclude, dtype, seed, positives_below=below)
         fast = value_and_grad(loss, scores, pairs)
         masked = value_and_grad(loss, scores, on_path(pairs, "mask"))
         torch.testing.assert_close(fast, masked)
@@ -214,38 +232,6 @@ def test_positive_mask_from_index() -> None:
         Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None)
     with pytest.raises(ValueError, match="one column per anchor"):
         Pairs(torch.zeros(3, 1), torch.zeros(4, 1), None, positive_index=index[:2])
-
-
-def grads_of(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Gradients of ``value`` with respect to every input, zero for an input it does not use (the other view)."""
-    grads = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
-
-
-def test_cpc_pairs_carry_positive_index_and_match_the_mask_path() -> None:
-    """Each CPC anchor (image i, row r, column c, step k)'s one positive is the embedding at (i, r + k, c)."""
-    torch.manual_seed(7)
-    n, h, w, d = 2, 4, 3, 6
-    extract = EXTRACT.build("cpc_context", map_channels=(d,), proj_dim=d, context_steps=3, context_blocks=1).double()
-    grid_a = torch.randn(n, h, w, d, dtype=torch.float64, requires_grad=True)
-    grid_b = torch.randn(n, h, w, d, dtype=torch.float64, requires_grad=True)
-    all_pairs = extract.pairs({"grid": grid_a}, {"grid": grid_b}, None, None)
-    assert len(all_pairs) == 6
-    for number, pairs in enumerate(all_pairs):
-        k, grid = number % 3 + 1, (grid_a, grid_b)[number // 3]
-        assert pairs.positives is None and pairs.positive_index is not None
-        assert pairs.positive_index.dtype == torch.int64
-        anchors = [(i, r, c) for i in range(n) for r in range(h - k) for c in range(w)]
-        assert len(anchors) == pairs.anchors.shape[0]
-        for m, (i, r, c) in enumerate(anchors):
-            assert torch.equal(pairs.candidates[pairs.positive_index[m]], grid[i, r + k, c])
-    similarity, loss = SIMILARITY.build("dot", scale_by_dim=False), LOSS.build("infonce")
-    inputs = [grid_a, grid_b, *extract.parameters()]
-    for pairs in all_pairs:
-        scores = similarity(pairs.anchors, pairs.candidates)  # float32, as every similarity scores
-        fast, masked = loss(scores, pairs), loss(scores, on_path(pairs, "mask"))
-        torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(grads_of(fast, inputs), grads_of(masked, inputs), rtol=1e-5, atol=1e-6)
 
 
 def test_multiscale_against_the_global_scale_gives_positive_index() -> None:

@@ -93,12 +93,18 @@ def _crop_coords(start: Tensor, length: Tensor, size: int) -> Tensor:
     return inside.add_(start.unsqueeze(1))
 
 
-def resized_crop(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
-    """Crop each sample to its box and resize it bilinearly to size×size (no antialiasing).
+def resized_crop(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None, mode: str = "bilinear"
+                 ) -> Tensor:
+    """Crop each sample to its box and resize it to size×size (no antialiasing), bilinearly or bicubically.
 
     boxes: N×4 (top, left, height, width) in pixels. flip: N bool, mirror the result left-right (fused here,
-    as it only reverses the sampling grid).
+    as it only reverses the sampling grid). mode "bicubic" (AMDIM's and CPC's crops) samples the same points
+    with torch's cubic kernel (a = -0.75, torchvision's for tensors; PIL's, which amdim-public ran, is -0.5); its
+    outer taps near a box's edge read the pixels just outside the box (torchvision's crop-then-resize repeats the
+    box's edge there), and its overshoot is clamped to [0, 1] as PIL's uint8 output is.
     """
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"resized_crop mode must be 'bilinear' or 'bicubic', got {mode!r}")
     height, width = images.shape[-2:]
     top, left, box_h, box_w = boxes.to(torch.float32).unbind(1)
     ys = _crop_coords(top, box_h, size)
@@ -110,7 +116,8 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None =
     grid = torch.empty(images.shape[0], size, size, 2, device=images.device)
     grid[..., 0] = gx.unsqueeze(1)
     grid[..., 1] = gy.unsqueeze(2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=True)
+    return out.clamp_(0.0, 1.0) if mode == "bicubic" else out
 
 
 def hflip(images: Tensor, mask: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ class ViewSpec:
 
     crop_scale: tuple[float, float] | None = None
     crop_ratio: tuple[float, float] = CROP_RATIO
+    crop_interpolation: str = "bilinear"  # or "bicubic" (AMDIM's and CPC's crops)
     flip_prob: float = 0.5
     translate_max: int = 0
     translate_prob: float = 0.0
@@ -143,11 +144,11 @@ def draw_view_params(n: int, height: int, width: int, joint: _Joint, generator: 
     return ViewParams(**drawn)
 
 
-def _geometry(images: Tensor, params: ViewParams, size: int) -> Tensor:
+def _geometry(images: Tensor, params: ViewParams, spec: ViewSpec, size: int) -> Tensor:
     """Crop, flip and translate; returns float images size×size (translation alone runs on uint8, before the cast)."""
     flip = params.flip
     if params.boxes is not None:
-        images = ops.resized_crop(ops.to_float(images), params.boxes, size, flip)
+        images = ops.resized_crop(ops.to_float(images), params.boxes, size, flip, mode=spec.crop_interpolation)
         flip = None
     elif images.shape[-2:] != (size, size):
         images = ops.resize(ops.to_float(images), size)
@@ -172,7 +173,7 @@ def _colour(images: Tensor, params: ViewParams, spec: ViewSpec) -> Tensor:
 
 def apply_view(images: Tensor, params: ViewParams, spec: ViewSpec, size: int) -> Tensor:
     """The views that params describe, float32 in [0, 1], N×3×size×size."""
-    return _colour(_geometry(images, params, size), params, spec)
+    return _colour(_geometry(images, params, spec, size), params, spec)
 
 
 def _parts(n: int, size: int, device: torch.device) -> list[slice]:

@@ -6,8 +6,15 @@ for folders of images too large for memory, an ``ImageFolderStream`` with the sa
     cifar10-mini        5,000 train / 1,000 test CIFAR-10 images embedded in the package (offline, the default)
     cifar10             torchvision's CIFAR-10 under ``root`` (``$CSL_DATA`` or ``~/.cache/csl/data``)
     stl10               torchvision's STL-10 (splits train, test, unlabeled, train+unlabeled), 96×96
-    parquet:PATH        a parquet file, or a folder of ``{split}.parquet``: encoded image bytes + label column
-    imagefolder:PATH    ``PATH/{split}/<class>/<image>`` (or ``PATH/<class>/<image>``), streamed from disk
+    stl10-unlabeled     STL-10's 100,000 unlabelled images alone (its one split, train; evaluate with eval_data)
+    parquet:PATH        a parquet file, or a folder of ``{split}.parquet``: encoded image bytes [+ label column]
+    imagefolder:PATH    ``PATH/{split}/<class>/<image>`` (or ``PATH/<class>/<image>``), streamed from disk; a
+                        folder without subfolders holds unlabelled images
+
+``labels="none"`` reads any of them without labels (every label -1, no classes); for ``imagefolder:`` it reads
+every image under the folder and its subfolders (folders that are not classes). A parquet table without a label
+column is unlabelled as it is. ``has_labels`` tells from the files' structure alone whether a spec's training
+split has labels.
 
 ``limit`` keeps the first ``limit`` images, taken round-robin over the classes so a small subset stays balanced.
 Nothing is downloaded unless ``download=True``.
@@ -18,9 +25,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from csl.data.folder import DEFAULT_IMAGE_SIZE, ImageFolderStream
-from csl.data.image_data import ImageData, balanced_indices
-from csl.data.parquet import decode_images, load_parquet
+from csl.data.folder import DEFAULT_IMAGE_SIZE, LABEL_MODES, ImageFolderStream, has_class_folders, split_folder
+from csl.data.image_data import ImageData, balanced_indices, is_labelled
+from csl.data.parquet import decode_images, has_label_column, load_parquet, parquet_file
 from csl.data.torchvision_sets import DataNotFoundError, data_root, load_cifar10, load_stl10
 
 __all__ = [
@@ -28,16 +35,19 @@ __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "SPEC_FORMS",
     "DataNotFoundError",
+    "LABEL_MODES",
     "ImageData",
     "ImageFolderStream",
     "balanced_indices",
     "decode_images",
+    "has_labels",
+    "is_labelled",
     "load",
     "mini_path",
 ]
 
 DEFAULT_DATA = "cifar10-mini"
-SPEC_FORMS = ("cifar10-mini", "cifar10", "stl10", "parquet:PATH", "imagefolder:PATH")
+SPEC_FORMS = ("cifar10-mini", "cifar10", "stl10", "stl10-unlabeled", "parquet:PATH", "imagefolder:PATH")
 
 
 def mini_path() -> str:
@@ -59,28 +69,59 @@ def load(
     limit: int | None = None,
     image_size: int = DEFAULT_IMAGE_SIZE,
     workers: int | None = None,
+    labels: str = "auto",
 ) -> ImageData | ImageFolderStream:
     """Load the ``split`` of the data set named by ``spec`` (see the module doc for the forms).
 
     root: where ``cifar10`` / ``stl10`` live (default ``$CSL_DATA`` or ``~/.cache/csl/data``); download: fetch
     them if missing. limit: keep a class-balanced first ``limit`` images. image_size, workers: for
     ``imagefolder:`` only (the side images are resized and centre-cropped to, and the DataLoader workers).
+    labels: ``auto`` (the labels the set has) or ``none`` (read it unlabelled).
     """
     if not isinstance(spec, str):
         raise TypeError(f"data spec must be a string, got {type(spec).__name__}")
+    if labels not in LABEL_MODES:
+        raise ValueError(f"unknown labels '{labels}'; choose one of: {', '.join(LABEL_MODES)}")
     kind, sep, path = spec.partition(":")
+    if sep and kind == "imagefolder" and path:
+        return ImageFolderStream.open(
+            path, split=split, image_size=image_size, workers=workers, limit=limit, name=f"{spec}/{split}",
+            labels=labels,
+        )
     if spec == "cifar10-mini":
         data = load_parquet(mini_path(), split=split, limit=limit, name=f"cifar10-mini/{split}")
     elif spec == "cifar10":
         data = load_cifar10(data_root(root), split=split, download=download, limit=limit)
     elif spec == "stl10":
         data = load_stl10(data_root(root), split=split, download=download, limit=limit)
+    elif spec == "stl10-unlabeled":
+        if split not in ("train", "unlabeled"):
+            raise ValueError(f"stl10-unlabeled is STL-10's unlabeled split alone (split train), not '{split}'; "
+                             "evaluate on a labelled set with eval_data (e.g. stl10)")
+        data = load_stl10(data_root(root), split="unlabeled", download=download, limit=limit)
+        labels = "none"
     elif sep and kind == "parquet" and path:
         data = load_parquet(path, split=split, limit=limit, name=f"{spec}/{split}")
-    elif sep and kind == "imagefolder" and path:
-        return ImageFolderStream.open(
-            path, split=split, image_size=image_size, workers=workers, limit=limit, name=f"{spec}/{split}"
-        )
     else:
         raise ValueError(f"unknown data spec '{spec}'; use one of: {', '.join(SPEC_FORMS)}")
-    return data
+    return data.unlabeled() if labels == "none" else data
+
+
+def has_labels(spec: str, *, labels: str = "auto", root: str | os.PathLike | None = None) -> bool | None:
+    """Whether the training split of ``spec`` has labels, told from the files' structure without reading images.
+
+    ``imagefolder:``: whether its folder has subfolders; ``parquet:``: whether its table has a label column; the
+    named sets: by what they are. None where that cannot be told here (the files are missing, the spec unknown):
+    loading the data then says what is wrong.
+    """
+    if labels == "none" or spec == "stl10-unlabeled":
+        return False
+    kind, sep, path = spec.partition(":")
+    try:
+        if sep and kind == "imagefolder" and path:
+            return has_class_folders(split_folder(path, "train"))
+        if sep and kind == "parquet" and path:
+            return has_label_column(parquet_file(path, "train"))
+    except (OSError, ValueError):
+        return None
+    return True if spec in ("cifar10-mini", "cifar10", "stl10") else None

@@ -1,14 +1,19 @@
-"""Image sets too large for memory: a folder per class, decoded and resized by DataLoader workers.
+"""Image sets too large for memory: a folder per class, or a folder of unlabelled images, decoded and resized by
+DataLoader workers.
 
 ``ImageFolderStream`` has the interface of ``ImageData`` that the trainer uses (``batches``,
-``ordered_batches``, ``__len__``, ``num_classes``, ``classes``, ``labels``, ``mean_std``, ``to``, ``name``,
-``image_size``), but keeps only file paths in memory: each batch is read from disk by worker processes.
+``ordered_batches``, ``__len__``, ``num_classes``, ``classes``, ``labels``, ``mean_std``, ``to``, ``subset``,
+``name``, ``image_size``), but keeps only file paths in memory: each batch is read from disk by worker processes.
+
+Labels: with ``labels="auto"`` the subfolders of the split's folder are the classes (torchvision's
+``ImageFolder``); a folder without subfolders holds unlabelled images (label -1). ``labels="none"`` reads every
+image under the folder and its subfolders, unlabelled: folders that are not classes (dates, sites, batches).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import make_dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
@@ -51,6 +57,36 @@ class ResizeCrop:
             image = F.resize(image, [self.size], antialias=True)
             image = F.center_crop(image, [self.size, self.size])
         return image.contiguous()
+
+
+LABEL_MODES = ("auto", "none")
+"""What ``labels`` may say: ``auto``, the labels a data set has (class folders, a label column); ``none``, none."""
+
+
+class UnlabeledImageFolder(ImageFolder):
+    """Every image under ``root`` and its subfolders, in sorted path order, each labelled -1; no classes.
+
+    Built on ``ImageFolder``'s documented extension points (``find_classes``, ``make_dataset``): the root itself
+    is walked as the one folder, so files, extensions and links are found exactly as torchvision finds them.
+    """
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        return [], {}
+
+    @staticmethod
+    def make_dataset(directory: str | os.PathLike, class_to_idx: dict[str, int],
+                     extensions: tuple[str, ...] | None = None, is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        try:
+            return make_dataset(directory, {"": -1}, extensions=extensions, is_valid_file=is_valid_file)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"no images in {directory} or its subfolders "
+                                    f"(image files end in {', '.join(extensions or ())})") from err
+
+
+def has_class_folders(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds subfolders, which ``labels="auto"`` reads as classes."""
+    return any(entry.is_dir() for entry in os.scandir(path))
 
 
 class _Items(Dataset):
@@ -96,14 +132,15 @@ def default_workers() -> int:
 
 @dataclass
 class ImageFolderStream:
-    """Images under ``root/<class>/<file>``, read in batches of uint8 N×3×S×S (S = ``image_size``).
+    """Images under ``root/<class>/<file>`` (or unlabelled under ``root``), read in batches of uint8 N×3×S×S
+    (S = ``image_size``).
 
     Build with ``ImageFolderStream.open(path, ...)`` or ``csl.data.load("imagefolder:PATH")``. Every batch is
     decoded and resized by ``workers`` DataLoader processes (0: in this process); batches are moved to
     ``device`` (pinned first when it is a GPU).
     """
 
-    folder: ImageFolder
+    folder: ImageFolder  # or an UnlabeledImageFolder
     indices: Tensor
     image_size: int = DEFAULT_IMAGE_SIZE
     workers: int = 0
@@ -121,9 +158,13 @@ class ImageFolderStream:
         workers: int | None = None,
         limit: int | None = None,
         name: str = "",
+        labels: str = "auto",
     ) -> ImageFolderStream:
+        if labels not in LABEL_MODES:
+            raise ValueError(f"unknown labels '{labels}'; choose one of: {', '.join(LABEL_MODES)}")
         root = split_folder(path, split)
-        folder = ImageFolder(str(root), loader=read_image, transform=ResizeCrop(image_size))
+        kind = ImageFolder if labels == "auto" and has_class_folders(root) else UnlabeledImageFolder
+        folder = kind(str(root), loader=read_image, transform=ResizeCrop(image_size))
         indices = balanced_indices(torch.as_tensor(folder.targets, dtype=torch.int64), limit)
         return cls(
             folder=folder,
@@ -152,6 +193,10 @@ class ImageFolderStream:
     def to(self, device: torch.device | str) -> ImageFolderStream:
         """The same set, its batches delivered on ``device``."""
         return replace(self, device=torch.device(device))
+
+    def subset(self, indices: Tensor) -> ImageFolderStream:
+        """The images at ``indices`` (positions in this set's order); its mean and std are estimated anew."""
+        return replace(self, indices=self.indices[indices.cpu()], _stats=None)
 
     def _iterate(self, order: Tensor, batch_size: int, drop_last: bool) -> Iterator[tuple[Tensor, Tensor]]:
         if batch_size < 1:

@@ -46,6 +46,12 @@ def balanced_indices(labels: Tensor, limit: int | None) -> Tensor:
     return torch.sort(chosen).values
 
 
+def is_labelled(data: object) -> bool:
+    """Whether any image of ``data`` (an ``ImageData`` or ``ImageFolderStream``) has a label (>= 0)."""
+    labels = getattr(data, "labels", None)
+    return labels is not None and bool((labels >= 0).any())
+
+
 def uint8_mean_std(chunks: Iterator[Tensor]) -> Stats:
     """Per-channel mean and std in [0, 1] of uint8 N×C×H×W chunks.
 
@@ -73,7 +79,7 @@ def uint8_mean_std(chunks: Iterator[Tensor]) -> Stats:
 
 @dataclass
 class ImageData:
-    """A labelled image set in memory.
+    """An image set in memory, labelled or not.
 
     images: uint8 N×3×H×W. labels: int64 N (-1 where an image has no label, as STL-10's unlabeled split).
     classes: class names, index = label. name: a label for logs (``"cifar10-mini/train"``).
@@ -118,6 +124,10 @@ class ImageData:
     def subset(self, indices: Tensor) -> ImageData:
         indices = indices.to(self.images.device)
         return replace(self, images=self.images[indices], labels=self.labels[indices])
+
+    def unlabeled(self) -> ImageData:
+        """The same images without labels (every label -1, no classes): ``labels: none``."""
+        return replace(self, labels=torch.full_like(self.labels, -1), classes=[])
 
     def mean_std(self, chunk: int = 4096) -> Stats:
         """Per-channel mean and std in [0, 1], in chunks of ``chunk`` images (never a float copy of the set)."""

@@ -158,6 +158,11 @@ def decode_images(encoded: list[Tensor], *, is_jpeg: np.ndarray | None = None, t
     return out
 
 
+def has_label_column(file: str | os.PathLike) -> bool:
+    """Whether a parquet image table has a label column (read from its schema alone)."""
+    return _pick(pq.read_schema(file).names, LABEL_COLUMNS) is not None
+
+
 def load_parquet(
     path: str | os.PathLike, *, split: str = "train", limit: int | None = None, name: str = ""
 ) -> ImageData:

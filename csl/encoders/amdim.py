@@ -8,11 +8,15 @@ inside the trunk ("MaybeBatchNorm2d", off by default as in the paper) but always
 ``forward`` returns ``Features(vector, maps=[r7, r5])``: ``vector`` is the final 1×1 map flattened (n_rkhs), and
 the maps are the two RKHS-projected maps, 7×7 and 5×5 at the layout's input size, each with ``n_rkhs`` channels.
 
-Layouts (``stem``), each giving 7×7, 5×5 and 1×1 outputs at its input size:
-- ``"cifar"`` (default, 32 px): 3×3 conv → 1×1 res → 4×4/2 block (ndf→2ndf) → 2×2/2 block (→4ndf)
+Layouts (``stem``), amdim-public ``model.py`` ``Encoder`` for ``encoder_size`` 32, 64 and 128, each giving 7×7,
+5×5 and 1×1 outputs at its input size:
+- ``"cifar"`` (32 px): 3×3 conv → 1×1 res → 4×4/2 block (ndf→2ndf) → 2×2/2 block (→4ndf)
   → [7×7] → 3×3 block → [5×5] → 3×3 block → 3×3 res to n_rkhs → [1×1];
 - ``"stl10"`` (64 px): 3×3 conv → 4×4/2, 4×4/2, 2×2/2 blocks (→8ndf) → the same tail;
 - ``"imagenet"`` (128 px): 5×5/2 conv (reflect-padded) + 3×3 conv → as ``"stl10"``.
+By default the layout follows the side of the images the encoder will see (``image_size``, which the model
+supplies: the pipeline's views, or its patches): the largest layout whose size is not above it (``amdim_stem``),
+so STL-10's views (cropped to 64 by the amdim pipeline) get ``"stl10"`` and CPC's 8-px patches ``"cifar"``.
 
 Other input sizes: the convs are unpadded, so an input smaller than a layout's size would run out of pixels
 (an 8×8 CPC patch is 2×2 after the cifar layout's first block, 1×1 after the second). Wherever a map is smaller
@@ -36,6 +40,13 @@ from csl.registry import ChoiceError, ENCODER
 from csl.types import Features
 
 STEMS = ("cifar", "stl10", "imagenet")
+STEM_SIZES = {"cifar": 32, "stl10": 64, "imagenet": 128}
+
+
+def amdim_stem(image_size: int) -> str:
+    """The layout amdim-public builds for this input side: the largest whose size is not above it (cifar below)."""
+    fitting = [stem for stem, size in STEM_SIZES.items() if size <= image_size]
+    return fitting[-1] if fitting else "cifar"
 
 
 def _fit(x: Tensor, size: int) -> Tensor:
@@ -188,15 +199,19 @@ def amdim(
     n_rkhs: int = 1280,
     n_depth: int = 10,
     use_bn: bool = False,
-    stem: str = "cifar",
+    stem: str | None = None,
+    image_size: int = 32,
 ) -> AMDIMEncoder:
     """AMDIM's encoder with ``ndf·width`` base channels and ``n_rkhs·width``-dim outputs (defaults: pl_bolts'
-    CIFAR-10 config, ndf 320, n_rkhs 1280, 10 units per block); ``n_depth`` units per ConvResBlock (≥ 1), named as in AMDIM's code so that it is not
-    confused with the ResNets' layout ``depth`` in a flat config."""
+    CIFAR-10 config, ndf 320, n_rkhs 1280, 10 units per block); ``n_depth`` units per ConvResBlock (≥ 1), named as
+    in AMDIM's code so that it is not confused with the ResNets' layout ``depth`` in a flat config. ``stem``: the
+    layout; ``None`` picks amdim-public's for ``image_size`` (context: the side of the encoder's input, which the
+    model supplies; 32 when the encoder is built on its own)."""
     width = check_positive("amdim", "width", width)
     for option, value in (("ndf", ndf), ("n_rkhs", n_rkhs), ("n_depth", n_depth)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ChoiceError(f"encoder 'amdim': {option} must be a positive int, got {value!r}")
     return AMDIMEncoder(
-        ndf=scaled(ndf, width), n_rkhs=scaled(n_rkhs, width), depth=n_depth, use_bn=use_bn, stem=stem
+        ndf=scaled(ndf, width), n_rkhs=scaled(n_rkhs, width), depth=n_depth, use_bn=use_bn,
+        stem=amdim_stem(image_size) if stem is None else stem,
     )

@@ -10,10 +10,14 @@ Stems:
 - ``"imagenet"``: 7×7 stride-2 conv + 3×3 stride-2 max-pool, for STL-10 (96 px) or ImageNet (224 px).
 
 Pooling is adaptive, so any input of at least 1×1 after the stem works.
+
+``bn_splits`` (default 1, plain batch norm) computes each batch norm's training statistics over that many
+sub-batches (``SplitBatchNorm``): MoCo's single-device stand-in for per-GPU batch norm.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from csl.encoders._common import check_choice, check_positive, scaled
-from csl.registry import ENCODER
+from csl.registry import ENCODER, ChoiceError
 from csl.types import Features
 
 STEMS = ("cifar", "imagenet")
@@ -40,12 +44,54 @@ def layer_norm(channels: int) -> nn.Module:
     return nn.GroupNorm(1, channels)
 
 
+class SplitBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose training statistics come from ``num_splits`` sub-batches, each normalised on its own.
+
+    MoCo trains on 8 GPUs, each normalising its own 32 images, and shuffles the keys across GPUs so that a key's
+    batch-norm statistics come from other images than its query's (Shuffle-BN, He et al. 2020 §3.3); without it
+    the model finds its positive through the statistics. MoCo's CIFAR demo simulates the GPUs on one device
+    with this layer (facebookresearch/moco ``colab/moco_cifar10_demo.ipynb``, ``SplitBatchNorm``, ``--bn-splits
+    8``), as does lightly's CIFAR-10 MoCo benchmark (``lightly.models.batchnorm.SplitBatchNorm``); the key pass's
+    shuffle is ``csl.model.KeyShuffle``. As in the demo: sub-batch k holds the samples k, k + s, k + 2s, ...
+    (the batch viewed as N/s × (s·C) channels), the running statistics move by the mean of the sub-batches'
+    updates, and evaluation normalises with them as plain batch norm does. A subclass of ``nn.BatchNorm2d``
+    with its parameters and buffers, so state dicts are torchvision's.
+    """
+
+    def __init__(self, num_features: int, *, num_splits: int) -> None:
+        super().__init__(num_features)
+        self.num_splits = num_splits
+
+    def forward(self, x: Tensor) -> Tensor:
+        splits = self.num_splits
+        if not self.training or splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % splits:
+            raise ValueError(f"bn_splits {splits} needs a batch divisible by {splits}, got {n} samples")
+        # The sub-batches as channels: a view of an NCHW tensor; a channels-last one is copied, and so is the result
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        running_mean, running_var = self.running_mean.repeat(splits), self.running_var.repeat(splits)
+        y = F.batch_norm(x.contiguous().view(n // splits, splits * c, h, w), running_mean, running_var,
+                         self.weight.repeat(splits), self.bias.repeat(splits), True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(running_mean.view(splits, c).mean(dim=0))
+            self.running_var.copy_(running_var.view(splits, c).mean(dim=0))
+            self.num_batches_tracked.add_(1)
+        y = y.view(n, c, h, w)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+
 class ResNet(nn.Module):
     """A ResNet trunk returning ``Features``: ``vector`` the pooled ``layer4``, ``maps`` the outputs of layer1..4.
 
     stem_channels: channels of the stem conv. stage_planes: ``planes`` of the four stages (a stage outputs
     ``planes * block.expansion`` channels). norm_layer: a callable ``C -> nn.Module`` (BatchNorm2d by default).
+    ``bn_splits`` declares how many sub-batches its batch norms normalise over (1: the whole batch), so the model
+    knows to shuffle a momentum target's batch (``csl.model.KeyShuffle``) and that batches must divide by it.
     """
+
+    bn_splits: int = 1
 
     def __init__(
         self,
@@ -155,15 +201,24 @@ def build_resnet(
     widen: float = 1.0,
     stem: str,
     zero_init_residual: bool,
-    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    norm_layer: Callable[[int], nn.Module] | None = None,
+    bn_splits: int = 1,
 ) -> ResNet:
-    """A ResNet of a torchvision depth; the stem has ``64·width`` channels, stage i ``64·2^i·width·widen`` planes."""
+    """A ResNet of a torchvision depth; the stem has ``64·width`` channels, stage i ``64·2^i·width·widen`` planes.
+
+    norm_layer: default batch norm, over ``bn_splits`` sub-batches when that is above 1 (``SplitBatchNorm``)."""
     width = check_positive(name, "width", width)
     widen = check_positive(name, "widen", widen)
     check_choice(name, "depth", depth, sorted(LAYOUTS))
     check_choice(name, "stem", stem, STEMS)
+    if isinstance(bn_splits, bool) or not isinstance(bn_splits, int) or bn_splits < 1:
+        raise ChoiceError(f"encoder '{name}': bn_splits must be a positive integer, got {bn_splits!r}")
+    if norm_layer is not None and bn_splits != 1:
+        raise ChoiceError(f"encoder '{name}': bn_splits splits batch norm, which this encoder does not use")
+    if norm_layer is None:
+        norm_layer = functools.partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
     block, layers = LAYOUTS[depth]
-    return ResNet(
+    resnet = ResNet(
         block,
         layers,
         stem_channels=scaled(64, width),
@@ -172,24 +227,32 @@ def build_resnet(
         norm_layer=norm_layer,
         zero_init_residual=zero_init_residual,
     )
+    resnet.bn_splits = bn_splits
+    return resnet
 
 
 @ENCODER.register("resnet18")
-def resnet18(*, width: float = 1.0, stem: str = "cifar", zero_init_residual: bool = True) -> ResNet:
+def resnet18(*, width: float = 1.0, stem: str = "cifar", zero_init_residual: bool = True, bn_splits: int = 1
+             ) -> ResNet:
     """ResNet-18 (BasicBlock, 2-2-2-2); 512·width-dim vector, maps of 64/128/256/512·width channels."""
-    return build_resnet("resnet18", 18, width=width, stem=stem, zero_init_residual=zero_init_residual)
+    return build_resnet("resnet18", 18, width=width, stem=stem, zero_init_residual=zero_init_residual,
+                        bn_splits=bn_splits)
 
 
 @ENCODER.register("resnet34")
-def resnet34(*, width: float = 1.0, stem: str = "cifar", zero_init_residual: bool = True) -> ResNet:
+def resnet34(*, width: float = 1.0, stem: str = "cifar", zero_init_residual: bool = True, bn_splits: int = 1
+             ) -> ResNet:
     """ResNet-34 (BasicBlock, 3-4-6-3); 512·width-dim vector, maps of 64/128/256/512·width channels."""
-    return build_resnet("resnet34", 34, width=width, stem=stem, zero_init_residual=zero_init_residual)
+    return build_resnet("resnet34", 34, width=width, stem=stem, zero_init_residual=zero_init_residual,
+                        bn_splits=bn_splits)
 
 
 @ENCODER.register("resnet50")
-def resnet50(*, width: float = 1.0, stem: str = "cifar", zero_init_residual: bool = True) -> ResNet:
+def resnet50(*, width: float = 1.0, stem: str = "cifar", zero_init_residual: bool = True, bn_splits: int = 1
+             ) -> ResNet:
     """ResNet-50 (Bottleneck, 3-4-6-3); 2048·width-dim vector, maps of 256/512/1024/2048·width channels."""
-    return build_resnet("resnet50", 50, width=width, stem=stem, zero_init_residual=zero_init_residual)
+    return build_resnet("resnet50", 50, width=width, stem=stem, zero_init_residual=zero_init_residual,
+                        bn_splits=bn_splits)
 
 
 @ENCODER.register("wide_resnet")
@@ -200,6 +263,7 @@ def wide_resnet(
     depth: int = 34,
     stem: str = "cifar",
     zero_init_residual: bool = True,
+    bn_splits: int = 1,
 ) -> ResNet:
     """A widened ResNet (default: ResNet-34 layout, stages twice as wide: YADIM's wide ResNet-34).
 
@@ -210,5 +274,6 @@ def wide_resnet(
     ``512·width·widen`` (BasicBlock) or ``2048·width·widen`` (Bottleneck) wide.
     """
     return build_resnet(
-        "wide_resnet", depth, width=width, widen=widen, stem=stem, zero_init_residual=zero_init_residual
+        "wide_resnet", depth, width=width, widen=widen, stem=stem, zero_init_residual=zero_init_residual,
+        bn_splits=bn_splits,
     )

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-HEADS = ("none", "linear", "mlp", "mlp_bn")
+HEADS = ("none", "linear", "mlp", "mlp_bn", "mlp_nobn")
 
 
 class Head(nn.Module):
-    """none: identity; linear: one layer; mlp: Linear → BatchNorm → ReLU → Linear (BYOL, MoCo v2); mlp_bn: the
-    same with a BatchNorm after the last layer too, and no biases (SimCLR's reference code, lightly's
-    ``SimCLRProjectionHead``), so the contrasted vectors are standardised per dimension over the batch."""
+    """none: identity; linear: one layer; mlp: Linear → BatchNorm → ReLU → Linear (BYOL's projector and
+    predictor, lightly's ``BYOLProjectionHead``); mlp_bn: the same with a BatchNorm after the last layer too, and no
+    biases (SimCLR's reference code, lightly's ``SimCLRProjectionHead``), so the contrasted vectors are
+    standardised per dimension over the batch; mlp_nobn: Linear → ReLU → Linear, both with biases and no batch
+    norm (MoCo v2's ``--mlp`` head in facebookresearch/moco ``moco/builder.py``, lightly's ``MoCoProjectionHead``):
+    a head without batch statistics, so nothing in it couples the samples of a batch."""
 
     def __init__(self, kind: str, in_dim: int, hidden: int | None, out_dim: int) -> None:
         super().__init__()
@@ -27,6 +30,9 @@ class Head(nn.Module):
             self.out_dim = in_dim
         elif kind == "linear":
             self.net = nn.Linear(in_dim, out_dim)
+            self.out_dim = out_dim
+        elif kind == "mlp_nobn":
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
             self.out_dim = out_dim
         else:
             self.net = nn.Sequential(

@@ -3,6 +3,12 @@
 The paper's YADIM drops AMDIM's multiscale comparisons for one comparison of last-layer maps. Every location of
 view a is an anchor; its positives are all locations of the same image in view b (the crops differ, so no
 location-to-location correspondence is assumed); all locations of other images are negatives.
+
+As YADIM ran it (pl_bolts ``FeatureMapContrastiveTask``, which the paper's framework code uses for every
+comparison): the maps are scored as the encoder gives them, with no learned head (``head: none``; the paper's
+similarity is the dot product of the maps' vectors), and the two directions are averaged (``bidirectional``:
+``0.5 * (loss1 + loss2)``). pl_bolts draws one anchor location per image; taking every location as an anchor is the
+same objective in expectation, with less variance.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class LastMap(nn.Module):
 
 
 @EXTRACT.register("last_map")
-def last_map(*, map_channels: tuple[int, ...], head: str = "linear", proj_hidden: int | None = None,
+def last_map(*, map_channels: tuple[int, ...], head: str = "none", proj_hidden: int | None = None,
              proj_dim: int = 128) -> LastMap:
+    """head: none (the encoder's own map, as YADIM) | linear | mlp | mlp_bn."""
     return LastMap(map_channels[-1], head, proj_hidden, proj_dim)

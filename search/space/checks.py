@@ -278,6 +278,7 @@ class _Checker:
         allowed = self.grid_allowed(space)
         self.names_every_aspect(space, allowed)
         self.resolves(space, allowed)
+        self.metric_measured(space, allowed)
         return space
 
     def neighbourhood(
@@ -389,6 +390,27 @@ class _Checker:
             except Exception as exc:  # noqa: BLE001 - any rejection is a space error
                 raise self.error("params", f"csl.config.resolve rejects a config of this space ({exc}):",
                                  space.label(config), "configs that csl.config.resolve accepts") from exc
+
+    def metric_measured(self, space: Space, allowed: list[dict[str, Any]]) -> None:
+        """csl.metrics.check_metric for each distinct data setting of the configs: a metric that runs would not
+        report (a label metric on unlabelled data) is refused before anything runs."""
+        from csl.metrics import CONFIG_KEYS, check_metric
+
+        configs = list(allowed)
+        if any(not d.categorical for d in space.dimensions.values()):
+            configs.append(space.sample(random.Random(0)))
+        seen: set[str] = set()
+        for config in configs:
+            trial = space.trial_config(config)
+            key = repr([trial.get(k) for k in CONFIG_KEYS])
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                check_metric(space.metric, trial)
+            except ValueError as exc:  # its message names the metric and what is allowed
+                raise SpaceError(f"{self.path}: metric: {exc}", file=str(self.path), key="metric",
+                                 value=space.metric) from exc
 
 
 def _default_reason(when: Mapping[str, tuple], require: Mapping[str, tuple], forbid: Mapping[str, tuple]) -> str:
