@@ -8,14 +8,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-DATA_KEYS = ("data", "data_root", "train_limit", "test_limit")  # the options that say which images a trial sees
+# The options that say which images a trial sees (csl.config.TRAINER_DEFAULTS): its SSL data, the labelled set
+# its kNN evaluation reads, and their limits.
+DATA_KEYS = ("data", "data_root", "train_limit", "eval_data", "eval_train_limit", "test_limit")
 
 
 def setup_params(space: Any, options: Mapping[str, Any], datasets: list[dict[str, Any]]) -> dict[str, Any]:
     """What a report needs of a search without its Ray folder: the budget (``budget.epochs``,
     ``budget.grace_period``, ``budget.reduction_factor``, ``budget.num_samples`` as run, ...), the scheduler's
-    parameters (``scheduler.<name>``: ``search.schedulers.scheduler_settings``) and the data sets (``data``,
-    ``train_limit``, ``test_limit``: the children's param names; several values joined by ", ")."""
+    parameters (``scheduler.<name>``: ``search.schedulers.scheduler_settings``) and the data sets (``DATA_KEYS``,
+    under the children's param names; several values joined by ", ")."""
     from search.schedulers import scheduler_settings
 
     budget = {**space.budget, "num_samples": options.get("num_samples", space.budget.get("num_samples"))}

@@ -66,7 +66,8 @@ def _setup_lines(loaded: Loaded) -> list[str]:
              "scored by its best value over its epochs"]
     data = design.get("data") or {}
     if data.get("data"):
-        limits = ", ".join(f"{k} {data[k]}" for k in ("train_limit", "test_limit") if k in data)
+        limits = ", ".join(f"{k} {data[k]}" for k in ("train_limit", "eval_data", "eval_train_limit", "test_limit")
+                           if k in data)
         lines.append(f"- data: {data['data']}" + (f" ({limits})" if limits else ""))
     if design.get("command"):
         lines.append(f"- command: `{design['command']}`")

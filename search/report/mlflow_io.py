@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from search import best
+from search.parent_params import DATA_KEYS
 from search.tracking import PARENT_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG
 
 FAILED = ("failed", "diverged")
@@ -165,7 +166,7 @@ def search_design(run: Any) -> dict[str, Any]:
             "epochs": budget.get("epochs"), "grace_period": budget.get("grace_period"),
             "reduction_factor": budget.get("reduction_factor"), "num_samples": budget.get("num_samples"),
             "budget": budget, "scheduler_settings": scheduler}
-    data = {key: params[key] for key in ("data", "train_limit", "test_limit") if key in params}
+    data = {key: params[key] for key in DATA_KEYS if key in params}
     return {"kind": "search", "title": f"Search {run.info.run_name}", "metric": tags.get("csl.metric", "knn_acc"),
             "mode": tags.get("csl.mode", "max"), "space": tags.get("csl.space"),
             "space_hash": tags.get("csl.space_hash"),
