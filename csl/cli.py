@@ -1,15 +1,23 @@
-"""``csl``: train one configuration, or list every registered choice and preset."""
+"""``csl``: train one configuration, or list every registered choice and preset.
+
+Every expected error (an unknown option or choice, a combination that cannot train, data that is missing or does
+not decode, a damaged checkpoint) is one line ``csl: error: ...`` and exit code 2; ``--debug`` shows the
+traceback instead. Ctrl-C or SIGTERM stops training after saving nothing new: the last epoch's ``--checkpoint``
+stands, the command says how to continue from it, and exits with 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from csl.config import TRAINER_DEFAULTS
+from csl.errors import one_line
 from csl.metrics import EPOCH_METRICS
 from csl.presets import PRESETS
 from csl.model import CombinationError
@@ -61,16 +69,40 @@ def progress_line(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
     return f"epoch {epoch}/{epochs} {shown}"
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from tqdm import tqdm
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal; the message says where it stood and how to continue."""
 
-    from csl.evaluate import extract_features, linear_eval
+
+def _continue_note(args: argparse.Namespace, argv: list[str], run: Any) -> str:
+    where = f"stopped in epoch {run.epoch + 1} of {run.config['epochs']}"
+    if not args.checkpoint or not (Path(args.checkpoint) / "state.pt").is_file():
+        return f"{where}; no --checkpoint was saved, so there is nothing to continue from"
+    again = list(argv)
+    if "--resume" in again:  # the folder it resumed from is replaced by the one it saved into
+        i = again.index("--resume")
+        del again[i : i + 2]
+    command = "csl " + " ".join(again + ["--resume", str(args.checkpoint)])
+    return f"{where}; {args.checkpoint} holds the last epoch that ended; continue: {command}"
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     from csl.train import Run
 
     config = parse_overrides(extra)
     if args.method:
         config["method"] = args.method
     run = Run(config)
+    try:
+        return _train(args, run)
+    except KeyboardInterrupt:
+        raise Interrupted(_continue_note(args, argv, run)) from None
+
+
+def _train(args: argparse.Namespace, run: Any) -> int:
+    from tqdm import tqdm
+
+    from csl.evaluate import extract_features, linear_eval
+
     print("config: " + " ".join(f"{a}={run.config[a]}" for a in ASPECTS) + f" data={run.config['data']} "
           f"epochs={run.config['epochs']} device={run.device} precision={'bf16' if run.autocast else 'float32'}",
           flush=True)
@@ -95,15 +127,27 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
                                   autocast=run.autocast)
         acc = linear_eval(tx, ty, vx, vy, num_classes=run.num_classes, epochs=args.linear_epochs)
         print(f"linear evaluation ({args.linear_epochs} epochs on frozen features): acc={acc:.4f}")
-    print(f"done in {time.perf_counter() - start:.1f}s: " + progress_line(run.epoch, run.config["epochs"], run.last_eval))
+    done = progress_line(run.epoch, run.config["epochs"], run.last_eval)
+    print(f"done in {time.perf_counter() - start:.1f}s: {done}")
     return 0
 
 
+# What a user can fix: wrong options or choices, a combination that cannot train, missing or undecodable data, a
+# damaged checkpoint (CheckpointError is a ValueError; DataNotFoundError a FileNotFoundError).
+EXPECTED = (ChoiceError, CombinationError, ValueError, OSError)
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="csl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="csl", description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every registered choice of every aspect, and every preset")
-    train = sub.add_parser("train", help="train one configuration; any option as --name value",
+    sub.add_parser("list", help="every registered choice of every aspect, and every preset", parents=[common])
+    train = sub.add_parser("train", help="train one configuration; any option as --name value", parents=[common],
                            epilog="e.g. csl train --method simclr --encoder resnet18 --width 0.25 --epochs 5")
     train.add_argument("--method", choices=sorted(PRESETS))
     train.add_argument("--checkpoint", type=Path, help="save the training state here after every epoch")
@@ -112,14 +156,29 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     import csl  # noqa: F401  (registers every choice)
 
+    saved = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         if args.command == "list":
             print_choices()
             return 0
-        return cmd_train(args, extra)
-    except (ChoiceError, CombinationError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        return cmd_train(args, extra, list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        print(f"csl: interrupted: {exc}" if isinstance(exc, Interrupted) else "csl: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED as error:
+        if args.debug:
+            raise
+        print(f"csl: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 - one line unless --debug asks for the traceback
+        if args.debug:
+            raise
+        print(f"csl: error: {type(error).__name__}: {one_line(error)} (--debug shows where)", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, saved)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "probe": True,
     "probe_lr": 1e-3,
     "eval_every": 1,
+    "diverge_factor": 1000.0,  # an epoch loss above this × the first step's is diverged (csl.train); 0: NaN/inf only
 }
 
 
@@ -62,6 +63,34 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 # fails when it is loaded (csl.model.encode_views says what the two views options do; csl.extract.heads the heads).
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS,
                                               "labels": LABEL_MODES}
+
+
+MAX_EPOCHS = 100_000
+"""The most epochs a run may train (a guard against a typo such as 1000000000000, which would run for ever)."""
+
+# Numeric options with the range a run can train with: (lowest, highest or None). Checked by resolve, so that
+# ``csl train`` and a space file (search.space, which also checks every value a dimension can take) share the rule.
+OPTION_BOUNDS: dict[str, tuple[int, int | None]] = {
+    "epochs": (1, MAX_EPOCHS),
+    "batch_size": (1, None),
+    "train_limit": (1, None),
+    "test_limit": (1, None),
+    "eval_every": (1, None),
+    "warmup_epochs": (0, None),
+    "knn_k": (1, None),
+}
+
+
+def bounds_problem(option: str, value: object) -> str | None:
+    """Why ``value`` is outside the range of ``option`` (``OPTION_BOUNDS``), or None when it is inside."""
+    if option not in OPTION_BOUNDS or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high = OPTION_BOUNDS[option]
+    if value < low:
+        return f"{option} must be at least {low}, got {value}"
+    if high is not None and value > high:
+        return f"{option} must be at most {high:,}, got {value}"
+    return None
 
 
 def known_options() -> set[str]:
@@ -89,6 +118,10 @@ def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     for option, allowed in OPTION_CHOICES.items():
         if option in resolved and resolved[option] not in allowed:
             raise ChoiceError(f"unknown {option} '{resolved[option]}'; choose one of: {', '.join(allowed)}")
+    for option in OPTION_BOUNDS:
+        problem = bounds_problem(option, resolved.get(option))
+        if problem is not None:
+            raise ChoiceError(problem)
     for aspect, registry in ASPECTS.items():
         if aspect not in resolved:
             raise ChoiceError(f"config names no {aspect}; give --method or --{aspect} ({', '.join(registry.names())})")

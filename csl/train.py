@@ -41,12 +41,40 @@ LABEL_FREE_AUTO = (1024, 40)
 
 
 class Diverged(RuntimeError):
-    """The SSL loss became NaN or infinite; retrying the same config would diverge again."""
+    """The SSL loss became NaN or infinite, or exploded past its bound; retrying the same config would diverge again.
 
-    def __init__(self, epoch: int, loss: float) -> None:
-        super().__init__(f"loss diverged to {loss} in epoch {epoch}")
+    ``metrics``: the epoch's training metrics (``ssl_loss`` as it was, ``images_per_s``, ``epoch_time``).
+    """
+
+    def __init__(self, epoch: int, loss: float, *, bound: float | None = None,
+                 metrics: Mapping[str, float] | None = None) -> None:  # fmt: skip
+        why = f" (above {bound:.4g}: diverge_factor times the first step's loss)" if bound is not None else ""
+        super().__init__(f"loss diverged to {loss:.4g} in epoch {epoch}{why}")
         self.epoch = epoch
         self.loss = loss
+        self.metrics = dict(metrics or {"ssl_loss": loss})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be continued from: missing, damaged, or made by another configuration."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def divergence_bound(config: Mapping[str, Any], initial_loss: float | None) -> float | None:
+    """The loss above which a run has diverged: ``diverge_factor`` × the first step's loss (at least 1).
+
+    Losses start near their chance level (InfoNCE at log of the candidates, BYOL's at 2) and fall; an epoch whose
+    mean loss is a thousand times that has exploded even when it is still finite (an lr of 1e4 with dot-product
+    scores reaches 1e18). ``diverge_factor: 0`` keeps only the NaN/inf check.
+    """
+    factor = float(config["diverge_factor"])
+    if factor <= 0 or initial_loss is None or not math.isfinite(initial_loss):
+        return None
+    return factor * max(abs(initial_loss), 1.0)
 
 
 def pick_device(name: str) -> torch.device:
@@ -185,6 +213,7 @@ class Run:
         if cfg["compile"]:
             self.pipeline.compile(self.device)
         self.last_eval: dict[str, float] = {}
+        self.initial_loss: float | None = None  # the run's first step's loss: what divergence is measured against
 
     def _set_data(self, train_data: Any, test_data: Any | None) -> None:
         """Hold out the label-free images, pick kNN's bank and queries, check the sizes, say what is not measured."""
@@ -261,16 +290,23 @@ class Run:
         total = torch.zeros((), device=self.device)
         seen = 0
         for images, labels in self.train_data.batches(self.config["batch_size"], self.generator):
-            total += self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device))
+            step_loss = self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device))
+            if self.initial_loss is None:
+                self.initial_loss = float(step_loss)  # once per run: the only synchronisation inside an epoch
+            total += step_loss
             seen += images.shape[0]
             if progress is not None:
                 progress(images.shape[0])
         loss = float(total) / max(1, self.steps_per_epoch)  # the epoch's one synchronisation
         elapsed = time.perf_counter() - start
         self.epoch += 1
+        metrics = {"ssl_loss": loss, "images_per_s": seen / elapsed, "epoch_time": elapsed}
         if not math.isfinite(loss):
-            raise Diverged(self.epoch, loss)
-        return {"ssl_loss": loss, "images_per_s": seen / elapsed, "epoch_time": elapsed}
+            raise Diverged(self.epoch, loss, metrics=metrics)
+        bound = divergence_bound(self.config, self.initial_loss)
+        if bound is not None and abs(loss) > bound:
+            raise Diverged(self.epoch, loss, bound=bound, metrics=metrics)
+        return metrics
 
     def evaluate(self) -> dict[str, float]:
         """Every metric this run measures (``csl.metrics``); those in ``unmeasured`` are absent, never faked."""
@@ -315,6 +351,7 @@ class Run:
             "epoch": self.epoch,
             "step": self.step,
             "last_eval": dict(self.last_eval),
+            "initial_loss": self.initial_loss,
             "config": {k: v for k, v in self.config.items()},
         }
 
@@ -333,16 +370,31 @@ class Run:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.last_eval = dict(state["last_eval"])
+        self.initial_loss = state.get("initial_loss")  # absent from checkpoints made before it was kept
 
     def save(self, directory: str | Path) -> Path:
+        """Write the state beside the checkpoint, then rename it over: a kill or Ctrl-C while it is written
+        leaves the last epoch's checkpoint whole."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), path / CHECKPOINT_FILE)
+        partial = path / f".{CHECKPOINT_FILE}.partial"
+        torch.save(self.state_dict(), partial)
+        partial.replace(path / CHECKPOINT_FILE)
         return path / CHECKPOINT_FILE
 
     def load(self, directory: str | Path) -> None:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=self.device, weights_only=True)
-        self.load_state_dict(state)
+        """Continue from a checkpoint folder; a missing, damaged or foreign one is a ``CheckpointError``."""
+        path = Path(directory) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no checkpoint there (a --checkpoint folder holds {CHECKPOINT_FILE})")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated, empty or not a torch file: all mean "damaged"
+            raise CheckpointError(f"{path}: damaged checkpoint ({type(exc).__name__}: {_first_line(exc)})") from exc
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: a checkpoint of another configuration ({_first_line(exc)})") from exc
 
 
 def train(config: Mapping[str, Any], *, callback: EpochCallback | None = None,

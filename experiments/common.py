@@ -141,6 +141,7 @@ def parser(study: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the searcher and the bootstrap (default: 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="Ray Tune progress output")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -186,20 +187,23 @@ class Study:
     def start(cls, name: str, args: argparse.Namespace, scale: Scale, design: Mapping[str, Any]) -> Study:
         from mlflow import MlflowClient
 
+        from search import storage as storage_checks
         from search.run import init_ray
-        from search.tracking import check_reachable, ensure_experiment, git_commit, local_tracking_uri
+        from search.tracking import check_reachable, ensure_experiment, git_commit, local_tracking_uri, store_lock
 
         storage = Path(args.storage).expanduser().resolve()
-        storage.mkdir(parents=True, exist_ok=True)
-        run_name = args.name or f"{name}-{scale.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        storage_checks.check_writable(str(storage))
+        run_name = args.name or storage_checks.unique_name(f"{name}-{scale.name}")
         folder = storage / run_name
-        folder.mkdir(parents=True, exist_ok=True)
+        storage_checks.create_folder(str(folder))
         tracking_uri = args.mlflow_uri or local_tracking_uri(storage)
-        check_reachable(tracking_uri)
-        client = MlflowClient(tracking_uri=tracking_uri)
-        experiment = args.experiment or name
-        local_sqlite = tracking_uri.startswith("sqlite")
-        experiment_id = ensure_experiment(client, experiment, str(storage / "mlartifacts") if local_sqlite else None)
+        with store_lock(tracking_uri):
+            check_reachable(tracking_uri, given=args.mlflow_uri is not None)
+            client = MlflowClient(tracking_uri=tracking_uri)
+            experiment = args.experiment or name
+            local_sqlite = tracking_uri.startswith("sqlite")
+            artifacts = str(storage / "mlartifacts") if local_sqlite else None
+            experiment_id = ensure_experiment(client, experiment, artifacts)
         command = "python -m experiments." + name + " " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         tags = {STUDY_TAG: name, "csl.scale": scale.name, "csl.study_folder": str(folder), "csl.command": command,
                 "mlflow.source.name": f"experiments.{name}"}
@@ -261,8 +265,23 @@ class Study:
 
 
 def run_study(name: str, args: argparse.Namespace, scale: Scale, design: Mapping[str, Any], body: Any) -> int:
-    """Start the study run, call ``body(study)`` (which runs the stages), write the report, end the run."""
+    """Start the study run, call ``body(study)`` (which runs the stages), write the report, end the run.
+
+    An expected error is one line and an exit code (``search.errors``, as ``csl-search``); ``--debug`` raises it.
+    """
+    from search.errors import report
+
+    try:
+        return _run_study(name, args, scale, design, body)
+    except (Exception, KeyboardInterrupt) as exc:
+        if getattr(args, "debug", False):
+            raise
+        return report(f"python -m experiments.{name}", exc)
+
+
+def _run_study(name: str, args: argparse.Namespace, scale: Scale, design: Mapping[str, Any], body: Any) -> int:
     from experiments.report.build import write_study_report
+    from search.status import INTERRUPTED, RUN_STATUS
 
     study = Study.start(name, args, scale, design)
     started = time.time()
@@ -272,8 +291,10 @@ def run_study(name: str, args: argparse.Namespace, scale: Scale, design: Mapping
         result = write_study_report(study.tracking_uri, study.run_id, study.folder / "report",
                                     n_resamples=args.resamples, seed=args.seed)
     except BaseException as exc:
-        study.client.set_tag(study.run_id, "csl.error", f"{type(exc).__name__}: {exc}"[:4000])
-        study.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        reason = INTERRUPTED if interrupted else f"{type(exc).__name__}: {exc}"[:4000]
+        study.client.set_tag(study.run_id, "csl.error", reason)
+        study.finish(RUN_STATUS[INTERRUPTED] if interrupted else "FAILED")
         raise
     study.finish("FINISHED")
     print(result.headline)

@@ -18,7 +18,8 @@ Child run of a trial:
   the epoch whose loss was NaN/inf); a config value that PBT changes is logged as a metric ``config.<name>``
   (params are immutable);
 - artifacts ``trial_config.json`` (and ``error.txt`` for a failed trial); the data set as an MLflow input;
-- MLflow status FINISHED (finished), KILLED (stopped early by the scheduler), FAILED (failed, diverged).
+- MLflow status FINISHED (finished), KILLED (stopped early by the scheduler), FAILED (failed, diverged),
+  SCHEDULED (interrupted: it will run again).
 
 Resume never duplicates: a run is looked up by its ``csl.trial_id`` tag under the parent before one is made, an
 epoch already logged is not logged again, a run that ended under an earlier driver keeps its end, and
@@ -26,22 +27,26 @@ epoch already logged is not logged again, a run that ended under an earlier driv
 
 Runs of trials Tune lost. Tune snapshots the experiment (trials and searcher state) every few seconds and after
 checkpoints, and copies the snapshot to storage in the background; a resume restores the last copy. A trial the
-searcher proposed after that copy is lost: the restored searcher proposes it again under a new Ray trial id.
-The run the dead driver made for it (an *orphan*: a child run whose trial id the restored experiment does not
-hold) is adopted by the trial that replays it, recognised by ``csl.config_hash`` (searchers are seeded and their
-state is in the same snapshot, so the replay proposes the same config). Where the driver died:
+searcher proposed after that copy is lost, but the search's ledger (``trials.jsonl``, ``search.ledger``) holds it:
+the resumed searcher proposes it again, with its recorded config, under a new Ray trial id, and the ledger links
+the two. The run the dead driver made for it is adopted by the replay (looked up by the lost id, or by an earlier
+id of a replay chain); without a ledger (PBT, whose population is Tune's own state) by ``csl.config_hash``. Where
+the driver died:
 
 - after the proposal, before the trial started: no run yet; the replay gets a new one. Nothing to reconcile.
-- after ``on_trial_start``, before a result: the orphan is RUNNING with no metrics; the replay adopts it.
-- after some epochs were logged: the replay adopts it but trains from scratch (the lost trial's checkpoint is
-  not in the snapshot), and epochs the run holds are not logged again: the rule a restored trial follows too.
+- after ``on_trial_start``, before a result: the run is RUNNING with no metrics; the replay adopts it.
+- after some epochs were logged: the replay adopts it and continues from the lost trial's last checkpoint (the
+  ended-trials file hands it over, ``search.trainable``); epochs the run holds are not logged again.
 - after the trial ended (stopped, finished, diverged): the replay adopts the run and, through the ended-trials
-  file (``search.trainable``), repeats that end instead of training again; the run keeps its end untouched.
-- the replay proposes another config (a searcher that is not deterministic), or none: once the search has
-  ended with no trial unfinished, the orphan is marked KILLED, tagged ``csl.orphaned`` with the reason, and
-  deleted, i.e. moved to MLflow's trash (``mlflow runs restore`` brings it back; ``mlflow gc`` purges it). So the
-  parent's children are exactly the trials of results.parquet, and none is left RUNNING. An interrupted search
-  only marks its orphans KILLED: a later resume may still adopt them.
+  file, repeats that end instead of training again; the run keeps its end untouched.
+- a run no replay adopts (its trial in neither the experiment nor the ledger): once the search is complete (not
+  interrupted, every planned trial ended), it is tagged ``csl.orphaned`` with the reason and, unless it ended,
+  moved to MLflow's trash (``mlflow runs restore`` brings it back; ``mlflow gc`` purges it); one that ended stays,
+  so that no result is ever hidden. Until then it is only marked interrupted: a later resume may still adopt it.
+
+A search stopped by Ctrl-C or SIGTERM (``search.interrupt``) marks the trials that were running ``interrupted``
+(MLflow status SCHEDULED): Tune's cleanup reports them TERMINATED, but they neither finished nor were stopped by
+the scheduler, and ``csl-search resume`` continues them from their last checkpoints.
 
 Why adopt rather than create each run lazily at its trial's first result: a run from the start shows a trial
 the moment it trains (an epoch of a big encoder can take an hour), a trial that fails before its first result
@@ -60,6 +65,8 @@ from ray.tune import Callback
 from search.status import (
     ENDED,
     EPOCH_METRICS,
+    FINAL,
+    INTERRUPTED,
     MAX_TAG,
     NODE_KEYS,
     RUN_STATUS,
@@ -81,7 +88,7 @@ from search.tracking import (
     resolved_config,
     trial_runs,
 )
-from search.trainable import ENDED_FILE, add_ended
+from search.trainable import ENDED_FILE, RESULT_FILE, add_handover
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +109,12 @@ class MlflowTrialCallback(Callback):
         max_epochs: int,
         searched: list[str] | None = None,
         space: Any = None,
+        ledger: Any = None,
+        interrupt: Any = None,
     ) -> None:
         self.space = space  # a search.space.Space: names a config's variant, fills it as it will train
+        self.ledger = ledger  # search.ledger.Ledger: which trial a replay stands for, what the search planned
+        self.interrupt = interrupt  # search.interrupt.Interrupt: whether the search is stopping on a signal
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -122,14 +133,18 @@ class MlflowTrialCallback(Callback):
         self._final: dict[str, str] = {}  # Ray trial id -> status its run ended with under an earlier driver
         self._orphans: list[Any] | None = None  # runs of trials the restored experiment lacks; None: not looked yet
 
-    # The callback is pickled into the experiment folder (tuner.pkl); the client and caches are not state.
+    # Tune pickles the callback into tuner.pkl (which csl-search never reads back: a resume builds a new one); the
+    # client, caches, ledger and signal state are not state.
     def __getstate__(self) -> dict[str, Any]:
         keep = ("tracking_uri", "experiment_id", "parent_run_id", "metric", "max_epochs", "searched", "space")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(state, ledger=None, interrupt=None)
         self._reset()
+
+    def _interrupted(self) -> bool:
+        return bool(self.interrupt is not None and self.interrupt.requested)
 
     @property
     def client(self) -> Any:
@@ -230,25 +245,46 @@ class MlflowTrialCallback(Callback):
             lost = ", ".join(run.data.tags[TRIAL_TAG] for run in orphans)
             log.info("%d MLflow runs of trials the restored experiment lacks (%s)", len(orphans), lost)
 
-    def _adopt(self, trial: Any) -> Any | None:
-        """The run of a trial Tune lost, when ``trial`` replays its config: re-keyed to ``trial``, else None.
+    def _lost_run(self, trial: Any) -> Any | None:
+        """The run of the trial Tune lost that ``trial`` replays: named by the ledger, else found by its config.
 
         A run made before ``csl.config_hash`` existed is matched by its params instead.
         """
-        if not self._orphans:
+        chain = self.ledger.replayed(trial.trial_id) if self.ledger is not None else []
+        for lost in chain:  # a replay of a replay: the run carries the id of the last trial that started
+            run = self.find_run(lost)
+            if run is not None:
+                if self._orphans:
+                    self._orphans = [o for o in self._orphans if o.info.run_id != run.info.run_id]
+                return run
+        if chain:
+            return None
+        if not self._orphans or self.ledger is not None and self.ledger.exists():
+            return None  # a ledger names every replay: a trial it does not name is new
+        config = dict(trial.config)
+        fingerprint = config_fingerprint(config)
+        wanted = {key: param_value(value) for key, value in self._params(config).items()}
+        for run in self._orphans:
+            tags = run.data.tags
+            if tags.get(CONFIG_TAG) == fingerprint or (CONFIG_TAG not in tags and run.data.params == wanted):
+                self._orphans.remove(run)
+                return run
+        return None
+
+    def _adopt(self, trial: Any) -> Any | None:
+        """The run of a trial Tune lost, when ``trial`` replays it: re-keyed to ``trial``, else None.
+
+        The replay repeats the lost trial's end when it had ended, else continues from its last checkpoint
+        (through the ended-trials file, which the trainable reads when it starts, after on_trial_start returns).
+        """
+        run = self._lost_run(trial)
+        if run is None:
             return None
         from mlflow.entities import Param
 
         config = dict(trial.config)
-        fingerprint, params = config_fingerprint(config), self._params(config)
+        params = self._params(config)
         wanted = {key: param_value(value) for key, value in params.items()}
-        for run in self._orphans:
-            tags = run.data.tags
-            if tags.get(CONFIG_TAG) == fingerprint or (CONFIG_TAG not in tags and run.data.params == wanted):
-                break
-        else:
-            return None
-        self._orphans.remove(run)
         run_id, lost = run.info.run_id, run.data.tags[TRIAL_TAG]
         log.info("trial %s replays trial %s, which Tune lost: continuing its MLflow run %s", trial, lost, run_id)
         self.client.set_tag(run_id, TRIAL_TAG, trial.trial_id)
@@ -259,31 +295,57 @@ class MlflowTrialCallback(Callback):
         if missing:  # the driver died between making the run and logging its params
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(missing.items())])
             self.client.log_dict(run_id, {"trial_config": config, "resolved": params}, "trial_config.json")
+        storage = trial.storage
+        handover = f"{storage.experiment_fs_path}/{ENDED_FILE}"
         ended = ended_results([run]).get(lost)
         if ended is not None:
-            # The trainable reads this file when it starts, which Tune does after on_trial_start returns.
-            storage = trial.storage
-            add_ended(storage.storage_filesystem, f"{storage.experiment_fs_path}/{ENDED_FILE}", trial.trial_id, ended)
+            add_handover(storage.storage_filesystem, handover, trial.trial_id, result=ended)
+        else:
+            chain = self.ledger.replayed(trial.trial_id) if self.ledger is not None else [lost]
+            for earlier in chain:  # the newest checkpoint of the lost trial (or of the one it replayed)
+                folder = f"{storage.experiment_fs_path}/{getattr(trial, 'trainable_name', 'csl_trial')}_{earlier}"
+                checkpoint = _last_checkpoint(storage.storage_filesystem, folder)
+                if checkpoint is not None:
+                    add_handover(storage.storage_filesystem, handover, trial.trial_id, checkpoint=checkpoint)
+                    break
         return run
 
+    def _complete(self, trials: list) -> bool:
+        """Whether the search is over: not interrupted, every trial ended, every planned trial among them."""
+        if self._interrupted() or not all(trial.status in ("TERMINATED", "ERROR") for trial in trials):
+            return False
+        if self.ledger is None:
+            return True
+        held = {trial.trial_id for trial in trials}
+        return all(planned.trial_id in held for planned in self.ledger.planned())
+
     def _settle_orphans(self, trials: list) -> None:
-        """End the runs no trial adopted: KILLED; deleted too when the search is over (module docstring)."""
+        """End the runs no trial adopted: interrupted while the search may still adopt them; once it is complete,
+        deleted (MLflow's trash) unless they ended, which are kept, tagged, and never hidden."""
         self._find_orphans(trials)
-        over = all(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+        over = self._complete(trials)
         for run in self._orphans or []:
             run_id = run.info.run_id
             if run.info.status == "RUNNING":
-                self.client.set_tag(run_id, STATUS_TAG, "interrupted")
-                self.client.set_terminated(run_id, status="KILLED")
-            if over:
-                reason = (
-                    f"Ray trial {run.data.tags[TRIAL_TAG]} was lost when its driver died (the experiment "
-                    "snapshot did not hold it yet) and the resumed search did not propose its config again; "
-                    "deleted so that the parent's children are the search's trials (mlflow runs restore brings it "
-                    "back)"
-                )
+                self.client.set_tag(run_id, STATUS_TAG, INTERRUPTED)
+                self.client.set_terminated(run_id, status=RUN_STATUS[INTERRUPTED])
+            if not over:
+                continue
+            lost = run.data.tags[TRIAL_TAG]
+            if run.data.tags.get(STATUS_TAG) in FINAL and run.info.status != "RUNNING":
+                reason = (f"Ray trial {lost} ended, but neither the experiment nor the search's ledger holds it; "
+                          "kept so that no result is hidden")  # fmt: skip
                 self.client.set_tag(run_id, ORPHAN_TAG, reason)
-                self.client.delete_run(run_id)
+                log.warning("MLflow run %s: %s", run_id, reason)
+                continue
+            reason = (
+                f"Ray trial {lost} was lost when its driver died and the resumed search did not propose its config "
+                "again; deleted so that the parent's children are the search's trials (mlflow runs restore brings "
+                "it back)"
+            )
+            self.client.set_tag(run_id, ORPHAN_TAG, reason)
+            self.client.set_terminated(run_id, status="KILLED")  # in the trash it will not run again
+            self.client.delete_run(run_id)
         self._orphans = []
 
     def _set_running(self, trial_id: str) -> None:
@@ -328,6 +390,8 @@ class MlflowTrialCallback(Callback):
         metrics = [Metric(k, float(result[k]), stamp, epoch) for k in EPOCH_METRICS if finite_number(result.get(k))]
         if result.get("diverged"):
             metrics.append(Metric("diverged", 1.0, stamp, epoch))
+        if result.get("failed"):
+            self.client.set_tag(run_id, ERROR_TAG, str(result.get("error") or "failed")[:MAX_TAG])
         first = self._logged_config.get(trial.trial_id, {})
         for key, value in dict(trial.config).items():  # PBT changes hyperparameters of a running trial
             if key in first and value != first[key] and finite_number(value):
@@ -347,8 +411,8 @@ class MlflowTrialCallback(Callback):
         last = trial.last_result or {}
         # Ray sets TERMINATED only after the callbacks ran: a completed trial here is about to be TERMINATED.
         status = trial_status("TERMINATED", last, planned_epochs(trial.config, self.max_epochs))
-        reason = str(last.get("error") or "loss became NaN/inf") if status == "diverged" else None
-        self._end(trial, status, reason)
+        reason = str(last.get("error") or "loss became NaN/inf") if status in ("diverged", "failed") else None
+        self._end(trial, status, reason, reason if status == "failed" else None)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_id(trial, reopen=False)
@@ -366,12 +430,15 @@ class MlflowTrialCallback(Callback):
         """Give every trial that ended its final status, including those that ended while a driver was dying."""
         self._settle_orphans(trials)
         for trial in trials:
-            if trial.status not in ("TERMINATED", "ERROR"):
-                # The search was interrupted (Ctrl-C) with this trial unfinished; `csl-search resume` reopens it.
-                if trial.trial_id in self._runs:
+            # Stopped by a signal before it ended (Tune's cleanup marks such trials TERMINATED, and its snapshot,
+            # taken before, holds them as running): `csl-search resume` continues it from its last checkpoint.
+            unended = trial.status not in ("TERMINATED", "ERROR") or trial.trial_id not in self._ended
+            if unended and self._interrupted() or trial.status not in ("TERMINATED", "ERROR"):
+                if trial.trial_id in self._runs and trial.trial_id not in self._final:
                     run_id = self._runs[trial.trial_id]
-                    self.client.set_tag(run_id, STATUS_TAG, "interrupted")
-                    self.client.set_terminated(run_id, status="KILLED")
+                    self.client.set_tag(run_id, STATUS_TAG, INTERRUPTED)
+                    self.client.set_tag(run_id, "csl.epochs_run", str(self._logged_step.get(trial.trial_id, 0)))
+                    self.client.set_terminated(run_id, status=RUN_STATUS[INTERRUPTED])
                 continue
             if trial.trial_id in self._ended:
                 continue
@@ -387,3 +454,19 @@ class MlflowTrialCallback(Callback):
             else:
                 reason = str((trial.last_result or {}).get("error") or "loss became NaN/inf")
                 self._end(trial, status, reason if status == "diverged" else None)
+
+
+def _last_checkpoint(filesystem: Any, trial_folder: str) -> str | None:
+    """The newest checkpoint a trial reported (``checkpoint_NNNNNN`` holding the epoch's result), else None."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(trial_folder, allow_not_found=True))
+    except OSError:
+        return None
+    dirs = pafs.FileType.Directory
+    folders = sorted(i.path for i in infos if i.type == dirs and i.base_name.startswith("checkpoint_"))
+    for folder in reversed(folders):
+        if filesystem.get_file_info(f"{folder}/{RESULT_FILE}").type == pafs.FileType.File:
+            return folder if isinstance(filesystem, pafs.LocalFileSystem) else f"{filesystem.type_name}://{folder}"
+    return None

@@ -4,12 +4,15 @@
                               [--num-samples N] [--max-concurrent N] [--cpus-per-trial C] [--gpus-per-trial G]
                               [--storage DIR_OR_URI] [--name NAME] [--address HOST:PORT] [--num-cpus N]
                               [--seed S] [--max-failures K] [--mlflow-uri URI] [--experiment NAME]
-    csl-search resume EXPERIMENT_FOLDER [--address HOST:PORT]
+    csl-search resume EXPERIMENT_FOLDER [--address HOST:PORT] [--num-cpus N] [--rebuild]
     csl-search compare (--experiment NAME | --parent-run ID) [--mlflow-uri URI | --storage DIR] [--top N]
-    csl-search report (EXPERIMENT_NAME | RUN_ID) [--mlflow-uri URI | --storage DIR] [--out DIR] [--no-log]
+    csl-search report TARGET [...]
+    (each with --debug: a traceback instead of the one-line error)
 
-Exit codes: 0 done; 1 the search could not run (tracking store unreachable, Ray error); 2 bad input (a space
-file that does not load, an unknown option) - reported in one message, before Ray is started.
+Exit codes: 0 done; 1 the search could not run (tracking store unreachable, a folder that cannot be resumed as it
+is, a Ray error); 2 bad input (a space file that does not load, an unknown option, a storage folder that cannot be
+written), reported in one line before Ray is started; 130 interrupted (Ctrl-C, SIGTERM): every trial is kept and
+``csl-search resume DIR`` continues.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from search.errors import EXIT_INTERRUPTED, UsageError, report
 from search.run import DEFAULT_STORAGE, SEARCHERS
 from search.schedulers import SCHEDULERS
 
@@ -27,9 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csl-search", description="Run, resume and compare searches over the CSL design space (Ray Tune + MLflow)."
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a search over a space file")
+    run = sub.add_parser("run", help="run a search over a space file", parents=[common])
     run.add_argument("space", help="search space YAML file (spaces/*.yaml)")
     run.add_argument("--scheduler", choices=SCHEDULERS, default="asha", help="trial scheduler (default: asha)")
     run.add_argument("--searcher", choices=SEARCHERS, default="optuna", help="config proposer (default: optuna)")
@@ -47,12 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
     run.add_argument("-q", "--quiet", action="store_true", help="less Ray Tune progress output")
 
-    resume = sub.add_parser("resume", help="continue an interrupted search, keeping its completed trials")
+    resume = sub.add_parser("resume", help="continue an interrupted search, keeping its completed trials",
+                            parents=[common])  # fmt: skip
     resume.add_argument("path", help="the experiment folder (<storage>/<name>)")
     resume.add_argument("--address", help="connect to this Ray cluster (default: the one the search used)")
     resume.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: as before)")
+    resume.add_argument("--rebuild", action="store_true",
+                        help="continue from the ledger and MLflow when Tune's snapshot is damaged (it is set aside)")
 
-    compare = sub.add_parser("compare", help="rank a search's trials and the effect of each design choice")
+    compare = sub.add_parser("compare", help="rank a search's trials and the effect of each design choice",
+                             parents=[common])  # fmt: skip
     which = compare.add_mutually_exclusive_group(required=True)
     which.add_argument("--experiment", help="MLflow experiment name (its latest search)")
     which.add_argument("--parent-run", help="MLflow run id of the search")
@@ -62,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--top", type=int, default=10, help="configurations to list (default: 10)")
     from search.report.cli import add_arguments as report_arguments
 
-    report_arguments(sub.add_parser("report", help="Markdown report and plots of a search or study, from MLflow"))
+    report_arguments(sub.add_parser("report", help="Markdown report and plots of a search or study, from MLflow",
+                                    parents=[common]))  # fmt: skip
     return parser
 
 
@@ -71,23 +84,33 @@ def _error(message: str, code: int) -> int:
     return code
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from search.space import SpaceError, load_space
+def _finished(outcome: Any) -> int:
+    """Print a search's outcome; 130 when a signal stopped it, 1 when planned trials are missing, else 0."""
+    print(outcome.report())
+    if outcome.interrupted:
+        print(f"interrupted: every trial is kept; continue with: csl-search resume {outcome.experiment_path}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    if outcome.problems:
+        return _error(f"{outcome.experiment_path}: {outcome.problems[0]}; csl-search resume "
+                      f"{outcome.experiment_path} continues it", 1)  # fmt: skip
+    return 0
 
-    try:
-        space = load_space(args.space)
-    except SpaceError as exc:
-        return _error(str(exc), 2)
-    except OSError as exc:
-        return _error(f"cannot read space file {args.space}: {exc.strerror or exc}", 2)
-    for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent)):
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from search.space import load_space
+
+    space = load_space(args.space)
+    for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent),
+                        ("--num-cpus", args.num_cpus)):  # fmt: skip
         if value is not None and value < 1:
-            return _error(f"{flag} must be at least 1, got {value}", 2)
+            return _error(f"{flag}: must be at least 1, got {value}; allowed: an int >= 1", 2)
+    if args.max_failures < 0:
+        return _error(f"--max-failures: must be at least 0, got {args.max_failures}; allowed: an int >= 0", 2)
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         return _error("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0", 2)
 
     from search.run import SearchOptions, run_search
-    from search.tracking import TrackingUnavailable
 
     options = SearchOptions(
         scheduler=args.scheduler,
@@ -107,42 +130,36 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         verbose=0 if args.quiet else 1,
     )
     command = "csl-search " + " ".join(shlex.quote(a) for a in argv)
-    try:
-        outcome = run_search(space, options, command=command)
-    except TrackingUnavailable as exc:
-        return _error(str(exc), 1)
-    except ValueError as exc:  # e.g. pbt over a space without continuous dimensions
-        return _error(str(exc), 2)
-    print(outcome.report())
-    return 0
+    return _finished(run_search(space, options, command=command))
 
 
 def _resume(args: argparse.Namespace) -> int:
     from search.run import resume_search
-    from search.tracking import TrackingUnavailable
 
-    try:
-        outcome = resume_search(args.path, address=args.address, num_cpus=args.num_cpus)
-    except FileNotFoundError as exc:
-        return _error(str(exc), 2)
-    except TrackingUnavailable as exc:
-        return _error(str(exc), 1)
-    print(outcome.report())
-    return 0
+    return _finished(resume_search(args.path, address=args.address, num_cpus=args.num_cpus, rebuild=args.rebuild))
+
+
+def _default_store(args: argparse.Namespace) -> str:
+    """The store ``compare`` reads: --mlflow-uri, else the SQLite file of --storage, which must exist (reading
+    must not create an empty store in the wrong folder)."""
+    from search.tracking import local_tracking_uri
+
+    if args.mlflow_uri:
+        return args.mlflow_uri
+    uri = local_tracking_uri(args.storage)
+    if not Path(uri[len("sqlite:///") :]).is_file():
+        raise UsageError(f"--storage {args.storage}: no MLflow store there ({uri}); allowed: the --storage of a "
+                         "search, or --mlflow-uri URI")  # fmt: skip
+    return uri
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from search.compare import CompareError, load
-    from search.tracking import TrackingUnavailable, check_reachable, local_tracking_uri
+    from search.compare import load
+    from search.tracking import check_reachable
 
-    uri = args.mlflow_uri or local_tracking_uri(args.storage)
-    try:
-        check_reachable(uri)
-        comparison = load(uri, experiment=args.experiment, parent_run=args.parent_run, metric=args.metric)
-    except TrackingUnavailable as exc:
-        return _error(str(exc), 1)
-    except CompareError as exc:
-        return _error(str(exc), 2)
+    uri = _default_store(args)
+    check_reachable(uri, given=bool(args.mlflow_uri))
+    comparison = load(uri, experiment=args.experiment, parent_run=args.parent_run, metric=args.metric)
     print(comparison.text(top=args.top))
     return 0
 
@@ -150,15 +167,20 @@ def _compare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        return _run(args, argv)
-    if args.command == "resume":
-        return _resume(args)
-    if args.command == "report":
-        from search.report.cli import run as report
+    try:
+        if args.command == "run":
+            return _run(args, argv)
+        if args.command == "resume":
+            return _resume(args)
+        if args.command == "report":
+            from search.report.cli import run as write_report
 
-        return report(args)
-    return _compare(args)
+            return write_report(args)
+        return _compare(args)
+    except (Exception, KeyboardInterrupt) as exc:  # every error is one line unless --debug asks for the traceback
+        if args.debug:
+            raise
+        return report("csl-search", exc)
 
 
 if __name__ == "__main__":

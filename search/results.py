@@ -45,14 +45,25 @@ class FinalStatus(Callback):
 
     Tune's snapshot of a trial is only rewritten when the trial is marked for it, and a trial stopped while it
     is PAUSED (HyperBand's successive halving) is not: the experiment state on disk still says PAUSED for a
-    trial that Tune terminated. ``collect`` prefers this file.
+    trial that Tune terminated. ``collect`` prefers this file. A search stopped by a signal writes none (and
+    removes an older one): Tune's cleanup marks its running trials TERMINATED, its last snapshot holds them as they
+    were (``search.interrupt``).
     """
+
+    def __init__(self, interrupt: Any = None) -> None:
+        self.interrupt = interrupt  # search.interrupt.Interrupt
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if not trials:
             return
         storage = trials[0].storage
         path = f"{storage.experiment_fs_path}/{STATUS_FILE}"
+        if self.interrupt is not None and self.interrupt.requested:
+            try:
+                storage.storage_filesystem.delete_file(path)
+            except (FileNotFoundError, OSError):
+                pass
+            return
         with storage.storage_filesystem.open_output_stream(path) as f:
             f.write(json.dumps({t.trial_id: t.status for t in trials}).encode())
 

@@ -3,20 +3,24 @@
 ``run_search(space, options)`` is what ``csl-search run`` calls, ``resume_search(path)`` what ``csl-search resume``
 calls; both return a ``SearchOutcome`` (paths, ranked rows, the text to print).
 
-The order of a run: check the tracking store (seconds, before any compute), build the searcher and scheduler,
-create the MLflow parent run, write ``csl_search.json`` into the experiment folder, start Ray, fit, write
+The order of a run: check that the storage folder can be written, create the experiment folder (exclusively),
+check the tracking store (seconds, before any compute), start Ray, create the MLflow parent run, write
+``csl_search.json`` and a copy of the space file, build the searcher, scheduler and callbacks, fit, write
 ``results.parquet`` / ``history.parquet`` (also logged to the parent run), write the search's report
 (``search.report``: ``<experiment folder>/report/``, logged to the parent under ``report/``), end the parent run
-(its best trial by ``search.best``), stop Ray.
+(its best trial by ``search.best``), stop Ray. A resume
+reads ``csl_search.json`` and the space copy, checks the folder (``search.recovery``), builds the same pieces anew
+and lets Tune restore its snapshot into them. Both own SIGINT and SIGTERM while they run (``search.interrupt``).
 
 The experiment folder ``<storage>/<name>/`` holds Ray's state and checkpoints plus ``csl_search.json`` (the MLflow
-parent run id, tracking URI, resources and budget: what a resume needs), a copy of the space file, and the tables.
+parent run id, tracking URI, resources and budget: what a resume needs), a copy of the space file, the ledger of
+proposed trials (``trials.jsonl``), the ended-trials file a resume hands to the trials, and the tables.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shlex
 import sys
 import time
@@ -26,12 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from search import storage
+from search.interrupt import Interrupt, Interrupted
+from search.local_ray import init_ray
 from search.schedulers import SCHEDULERS
 from search.status import FINAL
 from search.trainable import ENDED_FILE, ended_lines  # trials that must not train again: resume writes it
 
+log = logging.getLogger(__name__)
+
 SEARCHERS = ("optuna", "random", "grid")
 STATE_FILE = "csl_search.json"
+SPACE_COPY = "space-{}"  # the space file as the search started, beside its state
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE = "runs"
 DEFAULT_NUM_SAMPLES = 8
@@ -71,6 +80,9 @@ class SearchOutcome:
     trials: list[dict[str, Any]] = field(default_factory=list)
     table: str = ""
     wall_time_s: float = 0.0
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM: `csl-search resume` continues it
+    notes: list[str] = field(default_factory=list)  # what a resume found and did
+    problems: list[str] = field(default_factory=list)  # planned trials the search did not end: it is not complete
     report_path: str | None = None  # the report written at the end (None: it failed; the parent says why)
 
     def counts(self) -> dict[str, int]:
@@ -84,8 +96,10 @@ class SearchOutcome:
 
     def report(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts().items()))
+        stopped = " (interrupted)" if self.interrupted else ""
         lines = [
-            f"search {self.experiment_path}: {len(self.trials)} trials ({counts}) in {self.wall_time_s:.0f} s",
+            *(f"resume: {note}" for note in self.notes),
+            f"search {self.experiment_path}{stopped}: {len(self.trials)} trials ({counts}) in {self.wall_time_s:.0f} s",
             f"ranked by best {self.metric} ({self.mode}):",
             self.table,
             "",
@@ -99,8 +113,9 @@ class SearchOutcome:
         else:
             lines.append(f"open it: mlflow ui --backend-store-uri {self.tracking_uri}")
         lines.append(f"compare: csl-search compare --mlflow-uri {self.tracking_uri} --parent-run {self.parent_run_id}")
-        if self.unfinished():
-            lines.append(f"{self.unfinished()} trials unfinished: csl-search resume {self.experiment_path}")
+        lines.extend(f"problem: {problem}" for problem in self.problems)
+        if self.interrupted or self.unfinished() or self.problems:
+            lines.append(f"{self.unfinished()} trials unfinished; continue: csl-search resume {self.experiment_path}")
         return "\n".join(lines)
 
 
@@ -114,33 +129,6 @@ def max_epochs_of(space: Any) -> int:
 def shown_columns(space: Any) -> list[str]:
     """Columns of the ranking table: the space's searched aspects, then its other dimensions."""
     return list(dict.fromkeys([*space.aspects(), *space.dimensions]))
-
-
-def init_ray(
-    address: str | None, num_cpus: int | None, gpus_per_trial: float = 0.0, *, env: Mapping[str, str] | None = None
-) -> bool:
-    """Start a local Ray instance (or connect to ``address``); True when this call started it.
-
-    ``gpus_per_trial`` is accepted for callers that pass it (the local instance detects the GPUs itself);
-    ``env``: more environment variables for the trials' workers.
-    """
-    import ray
-
-    # CheckpointConfig(num_to_keep=1) makes Tune snapshot the experiment after every reported checkpoint, which a
-    # resume wants (the snapshot is never behind the trials' checkpoints); Tune warns each time: hush that.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        return False
-    # Workers import search.trainable and csl by name: make this checkout importable wherever they start.
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **(env or {})}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns token auth on by default (stack.md)
-        # "local": always a new instance, never one that `ray start` left running on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
-    return True
 
 
 def _check_fits(resources: Mapping[str, float]) -> None:
@@ -169,10 +157,8 @@ def _trainable(resources: Mapping[str, float]) -> Any:
     return tune.with_resources(csl_trial, dict(resources))
 
 
-def _run_config(state: Mapping[str, Any], callback: Any, verbose: int) -> Any:
+def _run_config(state: Mapping[str, Any], callbacks: list[Any], verbose: int) -> Any:
     from ray import tune
-
-    from search.results import FinalStatus
 
     # Keep the latest checkpoint only (epochs of a big encoder add up), except under PBT, which clones other
     # trials' checkpoints and wants them kept a little longer (Tune warns below 3).
@@ -180,11 +166,86 @@ def _run_config(state: Mapping[str, Any], callback: Any, verbose: int) -> Any:
     return tune.RunConfig(
         name=state["name"],
         storage_path=state["storage"],
-        callbacks=[callback, FinalStatus()],
+        callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=int(state["max_failures"])),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         verbose=verbose,
     )
+
+
+# ---------------------------------------------------------------------------------------------------- the Tuner
+
+
+def _search_alg(searcher: Any, state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(search_alg, param_space) for the Tuner: the searcher, within a concurrency limit, or PBT's population."""
+    from search.schedulers import initial_population
+
+    options, max_concurrent = state["options"], state.get("max_concurrent")
+    if options["scheduler"] == "pbt":
+        return initial_population(searcher, int(state["num_samples"]), max_concurrent)
+    if max_concurrent:
+        from ray.tune.search import ConcurrencyLimiter
+
+        return ConcurrencyLimiter(searcher, max_concurrent=int(max_concurrent)), {}
+    return searcher, {}  # the searchers return whole configs
+
+
+def _tuner(state: Mapping[str, Any], space: Any, searcher: Any, callbacks: list[Any], *, resume: bool) -> Any:
+    """A new Tuner over the experiment folder, the same for a run and a resume.
+
+    A resume does not use ``Tuner.restore``, which unpickles ``tuner.pkl`` (the searcher, scheduler and callbacks
+    as the first run pickled them): it builds them anew from ``csl_search.json`` and the space file and lets Tune
+    restore only its snapshot of the trials and of the searcher (``ResumeConfig``, which ``Tuner.restore`` passes
+    to Tune the same way).
+    """
+    from ray import tune
+    from ray.tune import ResumeConfig
+
+    from search.schedulers import build_scheduler
+
+    search_alg, param_space = _search_alg(searcher, state)
+    options = state["options"]
+    again = ResumeConfig.ResumeType.RESUME
+    kwargs = {"resume_config": ResumeConfig(unfinished=again, errored=again)} if resume else None
+    return tune.Tuner(
+        _trainable(state["resources"]),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=state["metric"],
+            mode=state["mode"],
+            search_alg=search_alg,
+            scheduler=build_scheduler(options["scheduler"], space, int(state["max_epochs"]), int(options["seed"])),
+            num_samples=int(state["num_samples"]),
+            time_budget_s=space.budget.get("time_budget_s"),
+            reuse_actors=True,  # one worker per slot imports torch once (stack.md)
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=_run_config(state, callbacks, int(options.get("verbose", 1))),
+        _tuner_kwargs=kwargs,
+    )
+
+
+def _callbacks(state: Mapping[str, Any], space: Any, ledger: Any, interrupt: Interrupt) -> list[Any]:
+    from search.callback import MlflowTrialCallback
+    from search.results import FinalStatus
+
+    mlflow = MlflowTrialCallback(
+        state["tracking_uri"], state["experiment_id"], state["parent_run_id"], metric=state["metric"],
+        max_epochs=int(state["max_epochs"]), searched=list(space.dimensions), space=space, ledger=ledger,
+        interrupt=interrupt,
+    )  # fmt: skip
+    return [mlflow, FinalStatus(interrupt)]
+
+
+def _searcher(state: Mapping[str, Any], space: Any, ledger: Any) -> Any:
+    from search.searchers import make_searcher
+
+    options = state["options"]
+    searcher = make_searcher(options["searcher"], space, max_epochs=int(state["max_epochs"]),
+                             seed=int(options["seed"]))  # fmt: skip
+    if options["scheduler"] != "pbt":  # PBT's population is drawn before Tune starts and is Tune's own state
+        searcher.ledger = ledger
+    return searcher
 
 
 # ---------------------------------------------------------------------------------------------------- run / resume
@@ -194,8 +255,9 @@ def run_search(space: Any, options: SearchOptions, *, command: str | None = None
     """Run a whole search over ``space`` (a loaded ``search.space.Space``)."""
     from mlflow import MlflowClient
 
-    from search.callback import MlflowTrialCallback
-    from search.tracking import check_reachable, ensure_experiment, local_tracking_uri, start_parent_run
+    from search.ledger import Ledger
+    from search.searchers import GridSearcher
+    from search.tracking import check_reachable, ensure_experiment, local_tracking_uri, start_parent_run, store_lock
 
     if options.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler '{options.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
@@ -204,178 +266,226 @@ def run_search(space: Any, options: SearchOptions, *, command: str | None = None
     started = time.time()
     root = storage.normalise(options.storage)
     local = not storage.is_uri(root)
-    name = options.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage.check_writable(root)  # seconds, before anything is made
+    name = options.name or storage.unique_name(space.name)
     experiment_path = storage.join(root, name)
-    if local:
-        Path(root).mkdir(parents=True, exist_ok=True)
+    storage.create_folder(experiment_path)  # exclusively: never two searches in one folder
     tracking_uri = options.mlflow_uri or local_tracking_uri(root if local else ".")
-    check_reachable(tracking_uri)  # before any compute
-
-    from ray import tune
-
-    from search.schedulers import build_scheduler, initial_population
-    from search.searchers import make_searcher
+    try:
+        with store_lock(tracking_uri):  # two first searches on a new SQLite store must not both create its tables
+            check_reachable(tracking_uri, given=options.mlflow_uri is not None)  # before any compute
+    except BaseException:
+        storage.remove_empty_folder(experiment_path)
+        raise
 
     budget = dict(space.budget)
     max_epochs = max_epochs_of(space)
-    searcher = make_searcher(options.searcher, space, max_epochs=max_epochs, seed=options.seed)
     if options.searcher == "grid":
-        num_samples = min(options.num_samples or searcher.allowed(), searcher.allowed())
+        allowed = GridSearcher(space).allowed()
+        num_samples = min(options.num_samples or allowed, allowed)
     else:
         num_samples = int(options.num_samples or budget.get("num_samples") or DEFAULT_NUM_SAMPLES)
-    max_concurrent = options.max_concurrent or budget.get("max_concurrent_trials")
-    param_space: dict[str, Any] = {}  # the searchers return whole configs
-    if options.scheduler == "pbt":
-        search_alg, param_space = initial_population(searcher, num_samples, max_concurrent)
-    elif max_concurrent:
-        from ray.tune.search import ConcurrencyLimiter
-
-        search_alg = ConcurrencyLimiter(searcher, max_concurrent=int(max_concurrent))
-    else:
-        search_alg = searcher
-    scheduler = build_scheduler(options.scheduler, space, max_epochs, options.seed)
     resources = {"cpu": float(options.cpus_per_trial)}
     if options.gpus_per_trial:
         resources["gpu"] = float(options.gpus_per_trial)
 
-    started_ray = init_ray(options.address, options.num_cpus)
-    parent_run_id = None
-    try:
-        if started_ray and not options.address:
-            _check_fits(resources)
-        client = MlflowClient(tracking_uri=tracking_uri)
-        experiment_name = options.experiment or space.name
-        # A SQLite store keeps artifacts under the experiment's location: put it beside the database.
-        artifact_location = storage.join(root, "mlartifacts") if local and tracking_uri.startswith("sqlite") else None
-        experiment_id = ensure_experiment(client, experiment_name, artifact_location)
-        command = command or " ".join(shlex.quote(a) for a in sys.argv)
-        params = {k: v for k, v in asdict(options).items() if v is not None}
-        params.update(num_samples=num_samples, experiment_path=experiment_path, max_epochs=max_epochs)
-        parent_run_id = start_parent_run(
-            client, experiment_id, space=space, run_name=name, experiment_path=experiment_path, command=command,
-            params=params, repo=REPO,
-        )  # fmt: skip
-        state = {
-            "name": name,
-            "storage": root,
-            "experiment_path": experiment_path,
-            "tracking_uri": tracking_uri,
-            "experiment_name": experiment_name,
-            "experiment_id": experiment_id,
-            "parent_run_id": parent_run_id,
-            "metric": space.metric,
-            "mode": space.mode,
-            "max_epochs": max_epochs,
-            "resources": resources,
-            "max_failures": options.max_failures,
-            "address": options.address,
-            "num_cpus": options.num_cpus,
-            "shown": shown_columns(space),
-            "space_name": space.name,
-            "space_hash": space.content_hash,
-            "options": asdict(options),
-            "num_samples": num_samples,
-            "command": command,
-        }
-        storage.write_text(storage.join(experiment_path, STATE_FILE), json.dumps(state, indent=2, default=str))
-        storage.write_text(storage.join(experiment_path, f"space-{Path(str(space.path)).name}"), space.text)
-        callback = MlflowTrialCallback(
-            tracking_uri, experiment_id, parent_run_id, metric=space.metric, max_epochs=max_epochs,
-            searched=list(space.dimensions), space=space,
-        )  # fmt: skip
-        tuner = tune.Tuner(
-            _trainable(resources),
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=space.metric,
-                mode=space.mode,
-                search_alg=search_alg,
-                scheduler=scheduler,
-                num_samples=num_samples,
-                time_budget_s=budget.get("time_budget_s"),
-                reuse_actors=True,  # one worker per slot imports torch once (stack.md)
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=_run_config(state, callback, options.verbose),
-        )
-        return _fit_and_finish(tuner, state, started)
-    except BaseException as exc:
-        if parent_run_id is not None:
-            from search.tracking import abandon_parent
+    interrupt = Interrupt()
+    with interrupt.catching():
+        started_ray = init_ray(options.address, options.num_cpus)
+        parent_run_id = None
+        try:
+            if started_ray and not options.address:
+                _check_fits(resources)
+            client = MlflowClient(tracking_uri=tracking_uri)
+            experiment_name = options.experiment or space.name
+            # A SQLite store keeps artifacts under the experiment's location: put it beside the database.
+            sqlite = local and tracking_uri.startswith("sqlite")
+            artifact_location = storage.join(root, "mlartifacts") if sqlite else None
+            with store_lock(tracking_uri):
+                experiment_id = ensure_experiment(client, experiment_name, artifact_location)
+            command = command or " ".join(shlex.quote(a) for a in sys.argv)
+            params = {k: v for k, v in asdict(options).items() if v is not None}
+            params.update(num_samples=num_samples, experiment_path=experiment_path, max_epochs=max_epochs)
+            parent_run_id = start_parent_run(
+                client, experiment_id, space=space, run_name=name, experiment_path=experiment_path, command=command,
+                params=params, repo=REPO,
+            )  # fmt: skip
+            state = {
+                "name": name,
+                "storage": root,
+                "experiment_path": experiment_path,
+                "tracking_uri": tracking_uri,
+                "experiment_name": experiment_name,
+                "experiment_id": experiment_id,
+                "parent_run_id": parent_run_id,
+                "metric": space.metric,
+                "mode": space.mode,
+                "max_epochs": max_epochs,
+                "resources": resources,
+                "max_failures": options.max_failures,
+                "address": options.address,
+                "num_cpus": options.num_cpus,
+                "shown": shown_columns(space),
+                "space_name": space.name,
+                "space_hash": space.content_hash,
+                "space_file": SPACE_COPY.format(Path(str(space.path)).name),
+                "options": asdict(options),
+                "num_samples": num_samples,
+                "max_concurrent": options.max_concurrent or budget.get("max_concurrent_trials"),
+                "command": command,
+            }
+            storage.write_text(storage.join(experiment_path, state["space_file"]), space.text)
+            storage.write_text(storage.join(experiment_path, STATE_FILE), json.dumps(state, indent=2, default=str))
+            ledger = Ledger(experiment_path)
+            searcher = _searcher(state, space, ledger)
+            tuner = _tuner(state, space, searcher, _callbacks(state, space, ledger, interrupt), resume=False)
+            return _fit_and_finish(tuner, state, started, interrupt, ledger)
+        except BaseException as exc:
+            if parent_run_id is not None:
+                from search.tracking import abandon_parent
 
-            abandon_parent(tracking_uri, parent_run_id, exc)
-        raise
-    finally:
-        if started_ray:
-            import ray
+                abandon_parent(tracking_uri, parent_run_id, exc)
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+                resumable = storage.exists(storage.join(experiment_path, STATE_FILE))
+                raise Interrupted(experiment_path if resumable else None) from exc
+            raise
+        finally:
+            if started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
 
 
 def load_state(experiment_path: str) -> dict[str, Any]:
+    """``csl_search.json`` of an experiment folder; ResumeError (one line) when there is none or it is damaged."""
+    from search.recovery import ResumeError
+
     path = storage.normalise(experiment_path)
+    file = storage.join(path, STATE_FILE)
     try:
-        return json.loads(storage.read_text(storage.join(path, STATE_FILE)))
+        state = json.loads(storage.read_text(file))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is not a csl-search experiment folder (no {STATE_FILE})") from None
+        raise ResumeError(f"{path}: not a csl-search experiment folder (no {STATE_FILE})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ResumeError(f"{file}: damaged ({type(exc).__name__}: {exc}); the search cannot be resumed without "
+                          "it (its trials are in MLflow)") from None  # fmt: skip
+    missing = {"parent_run_id", "tracking_uri", "experiment_id", "options", "num_samples"} - set(state)
+    if missing:
+        raise ResumeError(f"{file}: damaged (no {', '.join(sorted(missing))})")
+    return state
 
 
-def resume_search(experiment_path: str, *, address: str | None = None, num_cpus: int | None = None) -> SearchOutcome:
-    """Continue an interrupted search: ended trials stay as they are, unfinished and errored ones continue.
+def _saved_space(state: Mapping[str, Any]) -> Any:
+    """The space the search was started with: the copy in its folder, validated again."""
+    from search.recovery import ResumeError
+    from search.space import SpaceError, load_space
 
-    The restored Tuner brings the first run's searcher and scheduler state, callbacks and output settings.
+    folder = state["experiment_path"]
+    if storage.is_uri(folder):
+        raise ResumeError(f"{folder}: resuming a search whose folder is a URI needs a local copy of the folder")
+    copies = sorted(Path(folder).glob(SPACE_COPY.format("*")))
+    path = Path(folder) / state["space_file"] if state.get("space_file") else copies[0] if copies else None
+    if path is None or not path.is_file():
+        raise ResumeError(f"{folder}: the copy of the space file the search started with is missing")
+    try:
+        return load_space(path)
+    except SpaceError as exc:
+        raise ResumeError(f"{exc} (the copy of the space file the search started with)") from None
+
+
+def resume_search(
+    experiment_path: str, *, address: str | None = None, num_cpus: int | None = None, rebuild: bool = False
+) -> SearchOutcome:
+    """Continue an interrupted or killed search (``search.recovery``): ended trials stay as they are, unfinished
+    ones continue from their last checkpoints, trials Tune lost are proposed again.
+
+    Before anything runs, it checks what Tune's snapshot, the ledger and MLflow hold; a search that cannot be
+    continued as it is raises ResumeError naming the file and what to do.
     """
     from mlflow import MlflowClient
-    from ray import tune
 
+    from search.ledger import Ledger
+    from search.recovery import ResumeError, plan_resume, restore_checkpoints, set_aside_snapshot
     from search.trainable import ENDED_ENV
     from search.tracking import abandon_parent, check_reachable, ended_results, reopen_run, trial_runs
 
     started = time.time()
     state = load_state(experiment_path)
     path = state["experiment_path"] = storage.normalise(experiment_path)  # the folder may have moved
+    state["name"], state["storage"] = path.rstrip("/").rsplit("/", 1)[1], path.rstrip("/").rsplit("/", 1)[0]
     check_reachable(state["tracking_uri"])
     client = MlflowClient(tracking_uri=state["tracking_uri"])
-    reopen_run(client, state["parent_run_id"])
-    resumes = int(client.get_run(state["parent_run_id"]).data.tags.get("csl.resumes", "0")) + 1
-    client.set_tag(state["parent_run_id"], "csl.resumes", str(resumes))
-    state["resumes"] = resumes
-    # A trial that MLflow holds as ended may come back from Tune's snapshot as unfinished: it must not train again.
-    ended_file = storage.join(path, ENDED_FILE)
-    runs = trial_runs(client, state["experiment_id"], state["parent_run_id"])
-    storage.write_text(ended_file, ended_lines(ended_results(runs)))
-    address, num_cpus = address or state.get("address"), num_cpus or state.get("num_cpus")
-    started_ray = init_ray(address, num_cpus, env={ENDED_ENV: ended_file})
     try:
-        tuner = tune.Tuner.restore(
-            path, trainable=_trainable(state["resources"]), resume_unfinished=True, resume_errored=True
-        )
-        return _fit_and_finish(tuner, state, started)
-    except BaseException as exc:
-        abandon_parent(state["tracking_uri"], state["parent_run_id"], exc)
-        raise
-    finally:
-        if started_ray:
-            import ray
+        client.get_run(state["parent_run_id"])
+    except Exception:  # noqa: BLE001 - any failure: the store does not hold this search
+        raise ResumeError(f"{storage.join(path, STATE_FILE)}: parent_run_id: MLflow run {state['parent_run_id']} is "
+                          f"not in {state['tracking_uri']}; allowed: the store the search was started with") from None
+    plan = plan_resume(path, state, rebuild=rebuild)
+    space = _saved_space(state)
+    if plan.mode == "rebuild":
+        moved = set_aside_snapshot(path)
+        if moved:
+            plan.notes.append(f"Tune's snapshot moved to {moved}")
+    restore_checkpoints(plan)
+    for note in plan.notes:
+        log.warning("resume: %s", note)
 
-            ray.shutdown()
+    interrupt = Interrupt()
+    with interrupt.catching():
+        reopen_run(client, state["parent_run_id"])
+        resumes = int(client.get_run(state["parent_run_id"]).data.tags.get("csl.resumes", "0")) + 1
+        client.set_tag(state["parent_run_id"], "csl.resumes", str(resumes))
+        state["resumes"] = resumes
+        # A trial that MLflow holds as ended may come back from Tune's snapshot as unfinished: it must not train again.
+        ended_file = storage.join(path, ENDED_FILE)
+        runs = trial_runs(client, state["experiment_id"], state["parent_run_id"])
+        storage.write_text(ended_file, ended_lines(ended_results(runs)))
+        address, num_cpus = address or state.get("address"), num_cpus or state.get("num_cpus")
+        started_ray = init_ray(address, num_cpus, env={ENDED_ENV: ended_file})
+        try:
+            ledger = Ledger(path)
+            searcher = _searcher(state, space, ledger)
+            searcher.replays = list(plan.replays)
+            callbacks = _callbacks(state, space, ledger, interrupt)
+            tuner = _tuner(state, space, searcher, callbacks, resume=plan.mode == "restore")
+            return _fit_and_finish(tuner, state, started, interrupt, ledger, plan.notes)
+        except BaseException as exc:
+            abandon_parent(state["tracking_uri"], state["parent_run_id"], exc)
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+                raise Interrupted(path) from exc
+            raise
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
 
 
-def _fit_and_finish(tuner: Any, state: dict[str, Any], started: float) -> SearchOutcome:
+def _fit_and_finish(
+    tuner: Any, state: dict[str, Any], started: float, interrupt: Interrupt, ledger: Any, notes: list[str] = ()
+) -> SearchOutcome:
     from mlflow import MlflowClient
 
+    from search.recovery import missing_trials
     from search.report.build import end_of_search_report
     from search.results import best_trial
     from search.tracking import finish_parent
 
-    tuner.fit()
+    with interrupt.fitting():
+        tuner.fit()
     outcome = write_results(state)
     outcome.wall_time_s = time.time() - started
+    outcome.interrupted = interrupt.requested
+    outcome.notes = list(notes)
+    lost = missing_trials(ledger.planned(), outcome.trials)
+    if lost and not outcome.interrupted:
+        outcome.problems.append(f"{len(lost)} planned trials did not run: {', '.join(p.trial_id for p in lost)}")
     outcome.report_path = end_of_search_report(state["tracking_uri"], state["parent_run_id"], outcome.experiment_path)
     local = [] if storage.is_uri(outcome.results_path) else [outcome.results_path, outcome.history_path]
     finish_parent(
         MlflowClient(tracking_uri=state["tracking_uri"]), state["parent_run_id"], files=local, counts=outcome.counts(),
-        best=best_trial(outcome.trials, outcome.metric, outcome.mode), interrupted=bool(outcome.unfinished()),
+        best=best_trial(outcome.trials, outcome.metric, outcome.mode),
+        interrupted=outcome.interrupted or bool(outcome.unfinished()) or bool(outcome.problems),
         step=int(state.get("resumes", 0)),
     )  # fmt: skip
     return outcome

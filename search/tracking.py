@@ -16,13 +16,13 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from search.status import ENDED, EPOCH_METRICS, MAX_TAG, NODE_KEYS
+from search.status import ENDED, EPOCH_METRICS, INTERRUPTED, MAX_TAG, NODE_KEYS, RUN_STATUS
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,11 @@ def _quick_http(timeout_s: int):
                 os.environ[key] = value
 
 
-def check_reachable(uri: str, timeout_s: int = 5) -> None:
-    """Fail fast, with a clear message, when the tracking store does not answer."""
+def check_reachable(uri: str, timeout_s: int = 15, *, given: bool = True) -> None:
+    """Fail fast, with one line naming the store, when the tracking store does not answer.
+
+    ``given``: the user named the store (``--mlflow-uri``); else it is the default SQLite file in the storage folder.
+    """
     from mlflow import MlflowClient
 
     with _quick_http(timeout_s):
@@ -72,20 +75,54 @@ def check_reachable(uri: str, timeout_s: int = 5) -> None:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrackingUnavailable(
-                f"cannot reach the MLflow tracking store at {uri}: {first[:300]}\n"
-                "Start the server (mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db)"
-                " or leave out --mlflow-uri to track into a local SQLite file."
-            ) from None
+            if uri.startswith(("http://", "https://")):
+                hint = ("start it (mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db) "
+                        "or leave out --mlflow-uri to track into a SQLite file in the storage folder")  # fmt: skip
+            else:
+                hint = "allowed: a store you can write" + ("" if given else " (the default lives in --storage)")
+            which = "--mlflow-uri" if given else "the default MLflow store"
+            raise TrackingUnavailable(f"{which} {uri}: cannot open it ({first[:300]}); {hint}") from None
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite store (``<db>.lock``) while a search creates or migrates it.
+
+    MLflow creates a new SQLite store's tables on first use; two searches doing that at once race (alembic:
+    "_alembic_tmp_experiments already exists"), as do two creating the same experiment. Other stores: no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    database = Path(uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of the MLflow experiment ``name``, created (or restored from the trash) when needed.
+
+    Another search may create it between the look-up and the creation: then its id is looked up again.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # noqa: BLE001 - MlflowException RESOURCE_ALREADY_EXISTS, or the store's integrity error
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def git_commit(folder: str | Path) -> str | None:
@@ -317,20 +354,21 @@ def finish_parent(
         if best.run_id:
             client.set_tag(run_id, "csl.best_run_id", best.run_id)
     client.log_batch(run_id, metrics=metrics)
-    client.set_tag(run_id, "csl.search_status", "interrupted" if interrupted else "finished")
-    client.set_terminated(run_id, status="KILLED" if interrupted else "FINISHED")
+    client.set_tag(run_id, "csl.search_status", INTERRUPTED if interrupted else "finished")
+    client.set_terminated(run_id, status=RUN_STATUS[INTERRUPTED] if interrupted else "FINISHED")
 
 
 def abandon_parent(tracking_uri: str, run_id: str, exc: BaseException) -> None:
-    """Mark the parent run when the driver itself fails (KILLED on Ctrl-C: the search can be resumed)."""
+    """Mark the parent run when the driver itself fails: failed with the reason, or interrupted (Ctrl-C, SIGTERM:
+    the search can be resumed)."""
     try:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri)
         interrupted = isinstance(exc, KeyboardInterrupt)
-        client.set_tag(run_id, "csl.search_status", "interrupted" if interrupted else "failed")
+        client.set_tag(run_id, "csl.search_status", INTERRUPTED if interrupted else "failed")
         if not interrupted:
             client.set_tag(run_id, "csl.error", f"{type(exc).__name__}: {exc}"[:MAX_TAG])
-        client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
+        client.set_terminated(run_id, status=RUN_STATUS[INTERRUPTED] if interrupted else "FAILED")
     except Exception:  # noqa: BLE001 - never hide the original error
         log.exception("could not mark MLflow run %s", run_id)

@@ -10,16 +10,20 @@ Every report also says where and how the trial ran (Ray node id, node IP, hostna
 where ``amp`` found native bf16 on the trial's device, else float32), so the results table can show how trials
 spread over a cluster.
 
-A trial whose loss turns NaN/inf (``csl.train.Diverged``) does not raise, which would make Tune retry a config
-that diverges deterministically: it reports one last result with ``diverged=1`` and returns. That report carries
-a checkpoint holding only ``csl_result.json``: the durable record that the trial is over.
+A trial whose loss turns NaN/inf or explodes (``csl.train.Diverged``) does not raise, which would make Tune retry
+a config that diverges deterministically: it reports one last result with ``diverged=1`` (and the exploded loss,
+where it is finite) and returns. That report carries a checkpoint holding only ``csl_result.json``: the durable
+record that the trial is over. Likewise a config that cannot train (a ``ValueError``, such as
+``ChoiceError``/``CombinationError`` or a batch larger than the data, raised before the first epoch is reported)
+fails the same way on every retry: it reports ``failed=1`` with the error and returns, so it fails at once.
 
 A trial that had already ended when its driver died can come back from Tune's experiment snapshot as running or
 even pending (Tune snapshots when trials checkpoint, not when they end, and copies the snapshot to storage in
 the background). Such a trial must not train again: ``csl-search resume`` writes the trials MLflow holds as ended,
 with their last results, to a JSON file named by ``$CSL_ENDED_TRIALS``; a trial found there (or restored from a
 diverged record) repeats its last result and returns. The resumed driver adds to that file a new trial that
-replays one Tune lost after it had ended (``search.callback``), before the new trial starts.
+replays one Tune lost (``search.callback``), before the new trial starts: with the lost trial's last result when
+it had ended, else with its last checkpoint, which the replay continues from.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from search.status import EPOCH_METRICS
 RESULT_FILE = "csl_result.json"  # the epoch's reported result, kept beside the trainer's state in a checkpoint
 ENDED_ENV = "CSL_ENDED_TRIALS"  # path or URI of the ended-trials file: the last result of each trial that ended
 # That file, in the experiment folder: written by resume, added to by the resumed driver. JSON Lines, one
-# {"trial_id", "result"} per trial, and not named *.json: Tune copies the experiment folder's .json and .pkl files
-# into its driver staging folder when it restores, then uploads that folder over the experiment folder at every
-# snapshot, which would put back the stale copy of a .json file that the driver adds to during the search.
+# {"trial_id", "result"} per ended trial or {"trial_id", "checkpoint"} per replay that continues, and not named
+# *.json: Tune copies the experiment folder's .json and .pkl files into its driver staging folder when it restores,
+# then uploads that folder over the experiment folder at every snapshot, which would put back the stale copy of a
+# .json file that the driver adds to during the search.
 ENDED_FILE = "ended_trials.jsonl"
 
 
@@ -66,38 +71,72 @@ def ended_lines(ended: Mapping[str, Mapping[str, Any]]) -> str:
     return "".join(json.dumps({"trial_id": key, "result": dict(result)}) + "\n" for key, result in ended.items())
 
 
+def _entries(text: str) -> list[dict[str, Any]]:
+    found = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(entry, dict) and isinstance(entry.get("trial_id"), str):
+            found.append(entry)
+    return found
+
+
 def parse_ended(text: str) -> dict[str, dict[str, Any]]:
     """{Ray trial id: last result} from the ended-trials file's text; a later line for a trial wins."""
-    entries = (json.loads(line) for line in text.splitlines() if line.strip())
-    return {entry["trial_id"]: entry["result"] for entry in entries}
+    return {e["trial_id"]: e["result"] for e in _entries(text) if isinstance(e.get("result"), dict)}
+
+
+def parse_continued(text: str) -> dict[str, str]:
+    """{Ray trial id: checkpoint path or URI to continue from} from the ended-trials file's text."""
+    return {e["trial_id"]: e["checkpoint"] for e in _entries(text) if isinstance(e.get("checkpoint"), str)}
+
+
+def _handover_text() -> str:
+    location = os.environ.get(ENDED_ENV)
+    if not location:
+        return ""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall().decode()
+    except FileNotFoundError:
+        return ""
 
 
 def ended_trials() -> dict[str, dict[str, Any]]:
     """{Ray trial id: last result} from the file ``$CSL_ENDED_TRIALS`` names (a path or a pyarrow URI)."""
-    location = os.environ.get(ENDED_ENV)
-    if not location:
-        return {}
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
-    with fs.open_input_stream(path) as f:
-        return parse_ended(f.readall().decode())
+    return parse_ended(_handover_text())
 
 
-def add_ended(filesystem: Any, path: str, trial_id: str, result: Mapping[str, Any]) -> None:
+def continued_trials() -> dict[str, str]:
+    """{Ray trial id: checkpoint to continue from} from the file ``$CSL_ENDED_TRIALS`` names."""
+    return parse_continued(_handover_text())
+
+
+def add_handover(filesystem: Any, path: str, trial_id: str, *, result: Mapping[str, Any] | None = None,
+                 checkpoint: str | None = None) -> None:  # fmt: skip
     """Add one trial to the ended-trials file (``path`` on a pyarrow ``filesystem``), before that trial starts.
 
-    The resumed driver calls this for a trial that replays one Tune lost after it had ended
-    (``search.callback``): the replay then repeats the lost trial's end instead of training again. Read and
-    written whole: object stores cannot append.
+    The resumed driver calls this for a trial that replays one Tune lost (``search.callback``): with ``result``
+    the replay repeats the lost trial's end instead of training again, with ``checkpoint`` it continues the lost
+    trial's training from there. Read and written whole: object stores cannot append.
     """
     try:
         with filesystem.open_input_stream(path) as f:
             text = f.readall().decode()
     except FileNotFoundError:
         text = ""
+    entry: dict[str, Any] = {"trial_id": trial_id}
+    if result is not None:
+        entry["result"] = dict(result)
+    if checkpoint is not None:
+        entry["checkpoint"] = checkpoint
     with filesystem.open_output_stream(path) as f:
-        f.write((text + ended_lines({trial_id: result})).encode())
+        f.write((text + json.dumps(entry) + "\n").encode())
 
 
 def _checkpoint_folder(result: Mapping[str, Any], save_checkpoint: Callable[[Path], None] | None, folder: str) -> Any:
@@ -109,6 +148,13 @@ def _checkpoint_folder(result: Mapping[str, Any], save_checkpoint: Callable[[Pat
     return tune.Checkpoint.from_directory(folder)
 
 
+def _failure(metric_names: set[str], epoch: int, node: Mapping[str, str], **fields: Any) -> dict[str, Any]:
+    """A last result that ends a trial: every metric Tune was told about is present (NaN marks "none")."""
+    final: dict[str, Any] = {name: math.nan for name in metric_names | set(EPOCH_METRICS)}
+    final.update({"epoch": int(epoch), "diverged": 0, **fields, **node})
+    return final
+
+
 def csl_trial(config: Mapping[str, Any]) -> None:
     """Train one config, reporting ``epoch``, the trainer's metrics and a checkpoint after every epoch."""
     from ray import tune
@@ -118,21 +164,27 @@ def csl_trial(config: Mapping[str, Any]) -> None:
     node = _node(config)
     metric_names: set[str] = set()
     reports = 0
+    last_epoch = 0
 
     def report(epoch: int, metrics: Mapping[str, float], save_checkpoint: Callable[[Path], None]) -> None:
-        nonlocal reports
+        nonlocal reports, last_epoch
         metric_names.update(metrics)
         # An epoch without evaluation (eval_every > 1) still carries every metric Tune checks for; NaN = none.
         result = {**{name: math.nan for name in EPOCH_METRICS}, **metrics, "epoch": int(epoch), "diverged": 0, **node}
         with tempfile.TemporaryDirectory(prefix="csl-ckpt-") as folder:
             tune.report(result, checkpoint=_checkpoint_folder(result, save_checkpoint, folder))
         reports += 1
+        last_epoch = int(epoch)
 
-    ended = ended_trials().get(tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    ended = ended_trials().get(trial_id)
     if ended is not None:
         tune.report(ended)  # over already: say again how it ended, train nothing
         return
     checkpoint = tune.get_checkpoint()
+    if checkpoint is None and trial_id in continued_trials():
+        checkpoint = tune.Checkpoint(continued_trials()[trial_id])  # the lost trial this one replays
+    last = None
     try:
         if checkpoint is None:
             train(dict(config), callback=report)
@@ -140,16 +192,23 @@ def csl_trial(config: Mapping[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             saved = Path(folder) / RESULT_FILE
             last = json.loads(saved.read_text()) if saved.exists() else None
-            if last is not None and last.get("diverged"):
+            if last is not None and (last.get("diverged") or last.get("failed")):
                 tune.report({**last, **node})  # over already: say again how it ended, train nothing
                 return
+            last_epoch = int((last or {}).get("epoch") or 0)
             train(dict(config), callback=report, resume_from=folder)
         if reports == 0 and last is not None:
             # Resumed from the checkpoint of the last epoch: nothing left to train, so say again how it ended.
             tune.report({**last, **node})
     except Diverged as exc:
-        # Every metric Tune was told about must be present (Tune checks the search metric); NaN marks "none".
-        final: dict[str, Any] = {name: math.nan for name in metric_names | set(EPOCH_METRICS)}
-        final.update(epoch=int(exc.epoch), diverged=1, error=str(exc), **node)
+        # The epoch's metrics where they are finite (the exploded loss is kept: it is the record of the explosion).
+        epoch_metrics = {k: v for k, v in exc.metrics.items() if isinstance(v, float) and math.isfinite(v)}
+        final = _failure(metric_names, exc.epoch, node, diverged=1, error=str(exc), **epoch_metrics)
         with tempfile.TemporaryDirectory(prefix="csl-ckpt-") as folder:
             tune.report(final, checkpoint=_checkpoint_folder(final, None, folder))
+    except ValueError as exc:
+        if reports:
+            raise  # it trained before: not a config that cannot train, let Tune retry
+        # Raised while the run was built (or before its first epoch ended): the same config fails the same way on
+        # every retry, so the trial fails now, with the reason, and Tune does not retry it.
+        tune.report(_failure(metric_names, last_epoch, node, failed=1, error=f"{type(exc).__name__}: {exc}"))

@@ -31,10 +31,11 @@ def free_port() -> int:
 
 
 def search_env(**extra: str) -> dict[str, str]:
-    """Environment for a ``python -m search`` child: this checkout importable, Ray without token auth."""
+    """Environment for a ``python -m search`` child: this checkout importable, Ray as csl-search sets it up (a local
+    instance on loopback with token auth)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["RAY_AUTH_MODE"] = "disabled"
+    env.pop("RAY_AUTH_MODE", None)
     env.pop("RAY_ADDRESS", None)
     env.update(extra)
     return env
@@ -46,10 +47,11 @@ def local_ray(num_cpus: int = 2) -> Iterator[None]:
     (``run_search`` leaves alone an instance it did not start); stopped, and the environment restored, after."""
     import ray
 
-    from search.run import init_ray
+    from search.local_ray import init_ray
 
     saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "RAY_AUTH_MODE")}
-    os.environ.update({key: search_env()[key] for key in saved})
+    os.environ["PYTHONPATH"] = search_env()["PYTHONPATH"]
+    os.environ.pop("RAY_AUTH_MODE", None)  # as csl-search starts Ray: token auth on
     started = init_ray(None, num_cpus)
     try:
         yield
@@ -99,7 +101,7 @@ def mlflow_server() -> Iterator[str]:
         cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # about 15 s on an idle machine; minutes when the cores are shared
     try:
         while True:
             if process.poll() is not None:
@@ -112,7 +114,7 @@ def mlflow_server() -> Iterator[str]:
                 pass
             if time.time() > deadline:
                 log_tail = (folder / "server.log").read_text()[-2000:]
-                raise RuntimeError(f"mlflow server not healthy after 120 s: {log_tail}")
+                raise RuntimeError(f"mlflow server not healthy after 300 s: {log_tail}")
             time.sleep(0.5)
         yield uri
     finally:
@@ -136,7 +138,7 @@ def ray_cluster() -> Iterator[str]:
     import ray  # noqa: F401 - fail early if Ray is missing
 
     temp = Path(tempfile.mkdtemp(prefix="cslr", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
-    env = search_env()
+    env = search_env(RAY_AUTH_MODE="disabled")  # two `ray start` nodes on loopback, no token to hand around
     port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]

@@ -27,8 +27,9 @@ def test_search_spreads_trials_over_both_nodes(
 
     out = subprocess.run(
         [sys.executable, "-m", "search", "run", str(REPO / "spaces" / "tiny_grid.yaml"), "--searcher", "grid",
-         "--scheduler", "fifo", "--max-concurrent", "2", "--address", ray_cluster, "--storage", str(tmp_path), "--name", "cluster", "--quiet"],
-        cwd=REPO, env=search_env(), capture_output=True, text=True, timeout=400,
+         "--scheduler", "fifo", "--max-concurrent", "2", "--address", ray_cluster, "--storage", str(tmp_path),
+         "--name", "cluster", "--quiet"],
+        cwd=REPO, env=search_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     # --max-concurrent 2: without it Tune keeps one trial pending at a time for a custom searcher, and these
     # sub-second trials all finish on the head's reused actor before the worker node's first actor has started.

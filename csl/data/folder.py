@@ -35,15 +35,23 @@ learning at modest cost (ImageNet-style 224 is 5.4× the pixels); pass ``image_s
 
 
 def read_image(path: str) -> Tensor:
-    """uint8 3×H×W from an image file: torchvision's decoders, PIL for the formats they lack (BMP, TIFF, ...)."""
+    """uint8 3×H×W from an image file: torchvision's decoders, PIL for the formats they lack (BMP, TIFF, ...).
+
+    A file that neither reads is a ValueError naming it (raised in a DataLoader worker, it ends the message that
+    the main process re-raises).
+    """
     try:
         with quiet_image_io():
             return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        from PIL import Image
+    except RuntimeError as first:
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(path) as image:
-            return F.pil_to_tensor(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                return F.pil_to_tensor(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            reason = str(first).strip().splitlines()[0][:200] if str(first).strip() else type(exc).__name__
+            raise ValueError(f"{path}: not a readable image ({reason})") from None
 
 
 class ResizeCrop:
@@ -164,7 +172,12 @@ class ImageFolderStream:
             raise ValueError(f"unknown labels '{labels}'; choose one of: {', '.join(LABEL_MODES)}")
         root = split_folder(path, split)
         kind = ImageFolder if labels == "auto" and has_class_folders(root) else UnlabeledImageFolder
-        folder = kind(str(root), loader=read_image, transform=ResizeCrop(image_size))
+        try:
+            folder = kind(str(root), loader=read_image, transform=ResizeCrop(image_size))
+        except FileNotFoundError as exc:  # class folders without image files (an unlabelled folder says so itself)
+            if kind is UnlabeledImageFolder:
+                raise
+            raise FileNotFoundError(f"{root}: no images in its class folders ({exc})") from None
         indices = balanced_indices(torch.as_tensor(folder.targets, dtype=torch.int64), limit)
         return cls(
             folder=folder,

@@ -113,21 +113,45 @@ def _is_jpeg(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return is_jpeg
 
 
-def decode_images(encoded: list[Tensor], *, is_jpeg: np.ndarray | None = None, threads: int | None = None) -> Tensor:
+def _undecodable(encoded: list[Tensor], start: int, where: str, error: Exception) -> ValueError:
+    """The first image of a chunk that does not decode, named by row (the batched decoder does not say which)."""
+    for i in range(start, len(encoded)):
+        try:
+            with quiet_image_io():
+                decode_image(encoded[i], mode=ImageReadMode.RGB)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return ValueError(f"{where}row {i}: not a decodable image ({first[:200]})")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"{where}rows {start}-{len(encoded) - 1}: images do not decode ({first[:200]})")
+
+
+def decode_images(encoded: list[Tensor], *, is_jpeg: np.ndarray | None = None, threads: int | None = None,
+                  where: str = "") -> Tensor:  # fmt: skip
     """Decode encoded images (uint8 byte tensors) to one uint8 N×3×H×W tensor; all must share one size.
 
     ``is_jpeg`` (bool per image) marks those that go to the batched JPEG decoder; found from the bytes if None.
+    ``where`` (e.g. ``"FILE: "``) starts the message of an image that does not decode, which names its row.
     """
     n = len(encoded)
     if is_jpeg is None:
         is_jpeg = np.array([bytes(t[: len(_JPEG_MAGIC)].numpy()) == _JPEG_MAGIC for t in encoded], dtype=bool)
     if n == 0:
         raise ValueError("no images to decode")
-    with quiet_image_io():
-        first = decode_image(encoded[0], mode=ImageReadMode.RGB)
+    try:
+        with quiet_image_io():
+            first = decode_image(encoded[0], mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise _undecodable(encoded, 0, where, exc) from None
     out = torch.empty((n, *first.shape), dtype=torch.uint8)
 
     def decode_chunk(start: int) -> None:
+        try:
+            decode_into(start)
+        except RuntimeError as exc:
+            raise _undecodable(encoded, start, where, exc) from None
+
+    def decode_into(start: int) -> None:
         part = encoded[start : start + _CHUNK]
         jpeg = is_jpeg[start : start + len(part)]
         if jpeg.all():
@@ -168,7 +192,10 @@ def load_parquet(
 ) -> ImageData:
     """The ``split`` of a parquet image set (see the module doc), decoded whole into an ``ImageData``."""
     file = parquet_file(path, split)
-    schema = pq.read_schema(file)
+    try:
+        schema = pq.read_schema(file)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{file}: not a readable parquet file ({str(exc).strip().splitlines()[0][:200]})") from None
     image_col = _pick(schema.names, IMAGE_COLUMNS)
     if image_col is None:
         raise ValueError(f"{file}: no image column (looked for {', '.join(IMAGE_COLUMNS)}; has {schema.names})")
@@ -190,7 +217,7 @@ def load_parquet(
     if len(images_array) == 0:
         raise ValueError(f"{file}: no images" + (f" (limit={limit})" if limit is not None else ""))
     encoded, is_jpeg = _to_tensors(images_array)
-    images = decode_images(encoded, is_jpeg=is_jpeg)
+    images = decode_images(encoded, is_jpeg=is_jpeg, where=f"{file}: ")
 
     metadata = schema.metadata or {}
     if b"classes" in metadata:

@@ -138,6 +138,10 @@ class _Checker:
         for key in ("epochs", "grace_period", "num_samples", "max_concurrent_trials"):
             if key in budget and not (_is_int(budget[key]) and budget[key] > 0):
                 raise self.error(f"budget.{key}", "expected a positive int, got", budget[key], "a positive int")
+        high = self.fw.bounds.get("epochs", (1, None))[1]
+        if high is not None and budget["epochs"] > high:
+            raise self.error("budget.epochs", "more epochs than a run may train:", budget["epochs"],
+                             f"an int from 1 to {high:,}")
         if budget["grace_period"] > budget["epochs"]:
             raise self.error("budget.grace_period", "grace_period exceeds epochs:", budget["grace_period"],
                              f"an int from 1 to epochs ({budget['epochs']})")
@@ -246,6 +250,10 @@ class _Checker:
         mode = data["mode"]
         if mode not in MODES:
             raise self.error("mode", "unknown mode", mode, MODES)
+        better = self.fw.metrics.get(metric)
+        if better is not None and mode != better:
+            raise self.error("mode", f"{metric} is better when {'higher' if better == 'max' else 'lower'}; got",
+                             mode, [better])
         budget = self.budget(data["budget"])
 
         fixed: dict[str, Any] = {}
@@ -263,6 +271,7 @@ class _Checker:
             else:
                 fixed[key] = self.bare_value(f"params.{key}", key, value)
 
+        self.in_bounds(fixed, dims)
         base, variants = self.neighbourhood(data, fixed, dims)
         if variants:
             dims = {VARIANT: Dimension(VARIANT, "choice", values=tuple(variants)), **dims}
@@ -321,6 +330,33 @@ class _Checker:
                                  f"a name other than {_listing(variants)}")
             variants[name] = overrides
         return base, variants
+
+    def in_bounds(self, fixed: Mapping[str, Any], dims: Mapping[str, Dimension]) -> None:
+        """Every value a numeric option can take lies in its range (``csl.config.OPTION_BOUNDS``), and a batch is
+        never larger than a fixed ``train_limit`` (a trial would fail on it only once it runs)."""
+        for option, (low, high) in self.fw.bounds.items():
+            allowed = f"{low} to {high:,}" if high is not None else f"at least {low}"
+            for key, value in self._values(option, fixed, dims):
+                if _is_number(value) and (value < low or high is not None and value > high):
+                    raise self.error(key, f"{option} outside its range:", value, allowed)
+        limit = fixed.get("train_limit")
+        if _is_int(limit):
+            for key, value in self._values("batch_size", fixed, dims):
+                if _is_number(value) and value > limit:
+                    raise self.error(key, f"batch_size above train_limit ({limit}): a trial has fewer images "
+                                     "than one batch:", value, f"a batch_size from 1 to {limit}")
+
+    @staticmethod
+    def _values(option: str, fixed: Mapping[str, Any], dims: Mapping[str, Dimension]) -> list[tuple[str, Any]]:
+        """(key in the file, value) of every value ``option`` can take: fixed, each choice, a range's bounds."""
+        if option in fixed:
+            return [(f"fixed.{option}", fixed[option])]
+        dim = dims.get(option)
+        if dim is None:
+            return []
+        if dim.kind == "choice":
+            return [(f"params.{option}.choice[{i}]", v) for i, v in enumerate(dim.values or ())]
+        return [(f"params.{option}.{dim.kind}", bound) for bound in (dim.low, dim.high)]
 
     def variants_distinct(self, space: Space) -> None:
         seen: dict[str, str] = {}

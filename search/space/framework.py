@@ -24,6 +24,8 @@ class _Framework:
     presets: dict[str, dict[str, Any]] | None  # None while csl.presets does not exist
     types: dict[str, frozenset[type] | None]  # option -> accepted value types (None: unknown, unchecked)
     resolve: Callable[[Mapping[str, Any]], dict[str, Any]] | None
+    metrics: dict[str, str]  # csl.metrics.METRICS: what the trainer reports -> the mode in which it is better
+    bounds: dict[str, tuple[int, int | None]]  # csl.config.OPTION_BOUNDS: numeric options' ranges
 
 
 def _framework() -> _Framework:
@@ -68,6 +70,8 @@ def _framework() -> _Framework:
         presets=presets,
         types=types,
         resolve=config.resolve if presets is not None else None,
+        metrics={name: m.mode for name, m in importlib.import_module("csl.metrics").METRICS.items()},
+        bounds=dict(getattr(config, "OPTION_BOUNDS", {})),
     )
 
 
