@@ -280,7 +280,7 @@ def run_study(name: str, args: argparse.Namespace, scale: Scale, design: Mapping
 
 
 def _run_study(name: str, args: argparse.Namespace, scale: Scale, design: Mapping[str, Any], body: Any) -> int:
-    from experiments.report import write_report
+    from experiments.report.build import write_study_report
     from search.status import INTERRUPTED, RUN_STATUS
 
     study = Study.start(name, args, scale, design)
@@ -288,8 +288,8 @@ def _run_study(name: str, args: argparse.Namespace, scale: Scale, design: Mappin
     try:
         body(study)
         study.client.log_metric(study.run_id, "study_wall_time_s", time.time() - started)
-        result = write_report(study.tracking_uri, study.run_id, study.folder / "report",
-                              n_resamples=args.resamples, seed=args.seed)
+        result = write_study_report(study.tracking_uri, study.run_id, study.folder / "report",
+                                    n_resamples=args.resamples, seed=args.seed)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         reason = INTERRUPTED if interrupted else f"{type(exc).__name__}: {exc}"[:4000]

@@ -55,10 +55,12 @@ def stage_a_space(scale: Any, source: Mapping[str, Any]) -> dict[str, Any]:
 
 def top_combinations(rows: Sequence[Mapping[str, Any]], space: Any, k: int, metric: str = "knn_acc"
                      ) -> list[dict[str, Any]]:
-    """The best ``k`` trials of stage (a) with distinct augment × similarity × loss.
+    """The top ``k`` trials of stage (a) with distinct augment × similarity × loss, by their value at the last epoch.
 
-    Trials that ran the whole budget come first, ranked by their final-epoch metric; trials the scheduler stopped
-    come after them (by their last value), only to fill up when fewer than ``k`` finished.
+    Stage (b) scores every run at its last epoch (``experiments.stats``), so stage (a) picks by the same quantity,
+    not by a trial's best epoch (``search.best``, which ranks stage (a)'s own table): trials that ran the whole
+    budget come first, by their final-epoch metric; trials the scheduler stopped come after them (by their last
+    value), only to fill up when fewer than ``k`` finished.
     """
     def score(row: Mapping[str, Any]) -> float:
         value = row.get(f"last_{metric}")

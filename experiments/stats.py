@@ -1,12 +1,14 @@
-"""Statistics for the robustness studies: seeds per cell, bootstrap intervals, ranking with ties, rank correlation.
-
-Pure numpy / pandas (no csl, no search), so it is tested on constructed data with known answers.
+"""Statistics of the robustness studies: robustness scores over conditions with stratified bootstrap intervals,
+and ranking with ties. The general pieces (bootstrap intervals, cells, Spearman, the early-stopping check) are
+``search.report.stats``, which every report shares.
 
 Vocabulary of the studies:
 
 - a *combination* is what is being judged (a method preset, or a combination found by a search);
 - a *condition* is what it must be robust to (an encoder, an extraction strategy, or an encoder × extraction pair);
-- a *cell* is one combination under one condition; it holds one value per *seed* (a run's final-epoch metric).
+- a *cell* is one combination under one condition; it holds one value per *seed*: the run's ``final`` value, its
+  metric at its last epoch (the model the fixed budget produced, the same epoch for every run; not its best epoch,
+  which would be chosen on the evaluation split).
 
 Robustness of a combination is summarised over its conditions from the per-condition means:
 
@@ -14,27 +16,32 @@ Robustness of a combination is summarised over its conditions from the per-condi
 - ``worst`` the minimum over conditions (how good it is whatever the user picks) - the default ranking score;
 - ``spread`` max - min over conditions (how much the choice of condition can cost).
 
-Intervals are percentile bootstraps over seeds, stratified by condition: each resample redraws, within every
-condition, as many seeds as it has (with replacement), recomputes the per-condition means and the three scores.
-The RNG is seeded, so a report is reproducible. A winner is declared only when its interval lies entirely above
-the runner-up's; otherwise the leaders whose intervals overlap the leader's are reported as tied.
+Intervals are percentile bootstraps over seeds, stratified by condition (``scipy.stats.bootstrap`` with one sample
+per condition, resampled independently): each resample redraws, within every condition, as many seeds as it has
+(with replacement), recomputes the per-condition means and the three scores. The generator is seeded, so a report
+is reproducible. A winner is declared only when its interval lies entirely above the runner-up's; otherwise the
+leaders whose intervals overlap the leader's are reported as tied.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-DEFAULT_RESAMPLES = 10_000
-DEFAULT_CONFIDENCE = 0.95
-DEFAULT_SEED = 0
-LOW_RANK_CORRELATION = 0.5
+from search.report.stats import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    finite_values,
+    percentile_bootstrap,
+    rng_for,
+)
+
 MIN_SEEDS_FOR_WINNER = 3
 """Fewest seeds per cell for which a winner may be declared: a percentile bootstrap over two seeds spans just the
 two observed values (and collapses to a point when they are equal), so it under-covers badly."""
@@ -43,82 +50,13 @@ SCORE_DIRECTION = {"worst": "max", "mean": "max", "spread": "min"}
 """Which way is better for each robustness score when the metric itself is higher-is-better."""
 
 
-# ------------------------------------------------------------------------------------------------ bootstrap
-
-
-def _finite(values: Iterable[float]) -> np.ndarray:
-    array = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float).ravel()
-    return array[np.isfinite(array)]
-
-
-def _rng(seed: int, *key: Any) -> np.random.Generator:
-    """A generator for (seed, key): stable across processes (crc32, not Python's salted hash)."""
-    words = [int(seed)] + [zlib.crc32(str(k).encode()) for k in key]
-    return np.random.default_rng(np.random.SeedSequence(words))
-
-
-def bootstrap_ci(
-    values: Iterable[float],
-    statistic: Callable[..., Any] = np.mean,
-    *,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    confidence: float = DEFAULT_CONFIDENCE,
-    seed: int = DEFAULT_SEED,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic`` over ``values`` (non-finite values dropped).
-
-    ``statistic`` is called as ``statistic(samples, axis=1)`` on an ``n_resamples × n`` array. Fewer than two
-    values give no interval: ``(nan, nan)``.
-    """
-    data = _finite(values)
-    if data.size < 2:
-        return (math.nan, math.nan)
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
-    rng = _rng(seed)
-    index = rng.integers(0, data.size, size=(int(n_resamples), data.size))
-    stats = np.asarray(statistic(data[index], axis=1), dtype=float)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
-    return (float(low), float(high))
-
-
-# ------------------------------------------------------------------------------------------------ cells
-
-
-def cell_table(
-    frame: pd.DataFrame,
-    *,
-    by: Sequence[str],
-    value: str = "value",
-    n_resamples: int = DEFAULT_RESAMPLES,
-    confidence: float = DEFAULT_CONFIDENCE,
-    seed: int = DEFAULT_SEED,
-) -> pd.DataFrame:
-    """One row per cell (``by`` columns): seeds with a value, mean, std, bootstrap interval of the mean, failed.
-
-    ``failed`` counts rows of the cell whose value is missing or not finite (a failed or diverged run).
-    """
-    rows = []
-    for key, group in frame.groupby(list(by), sort=True, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        values = _finite(group[value].to_numpy(dtype=float))
-        low, high = bootstrap_ci(values, n_resamples=n_resamples, confidence=confidence, seed=seed)
-        rows.append({
-            **dict(zip(by, key, strict=True)),
-            "seeds": int(values.size),
-            "mean": float(values.mean()) if values.size else math.nan,
-            "std": float(values.std(ddof=1)) if values.size > 1 else math.nan,
-            "ci_low": low,
-            "ci_high": high,
-            "failed": int(len(group) - values.size),
-        })
-    return pd.DataFrame(rows, columns=[*by, "seeds", "mean", "std", "ci_low", "ci_high", "failed"])
-
-
 # ------------------------------------------------------------------------------------------------ robustness
+
+
+def _scores(*conditions: np.ndarray, axis: int = -1) -> np.ndarray:
+    """(worst, mean, spread) - the order of ``SCORES`` - of per-condition means, for each resample at once."""
+    means = np.stack([values.mean(axis=axis) for values in conditions])
+    return np.stack([means.min(axis=0), means.mean(axis=0), means.max(axis=0) - means.min(axis=0)])
 
 
 @dataclass
@@ -160,7 +98,7 @@ def robustness_scores(
     the combination should have; those with no value are reported in ``missing``. Intervals are ``nan`` unless
     every present condition has at least two seeds (a one-seed condition would look certain).
     """
-    cleaned = {c: _finite(v) for c, v in per_condition.items()}
+    cleaned = {c: finite_values(v) for c, v in per_condition.items()}
     present = {c: v for c, v in cleaned.items() if v.size}
     missing = [c for c in (expected or cleaned) if c not in present]
     nan2 = (math.nan, math.nan)
@@ -172,17 +110,9 @@ def robustness_scores(
     min_seeds = int(min(v.size for v in present.values()))
     intervals = {s: nan2 for s in SCORES}
     if min_seeds >= 2:
-        rng = _rng(seed, combination)
-        resampled = np.empty((int(n_resamples), len(present)))
-        for j, values in enumerate(present.values()):
-            index = rng.integers(0, values.size, size=(int(n_resamples), values.size))
-            resampled[:, j] = values[index].mean(axis=1)
-        boot = {"mean": resampled.mean(axis=1), "worst": resampled.min(axis=1),
-                "spread": resampled.max(axis=1) - resampled.min(axis=1)}
-        alpha = (1.0 - confidence) / 2.0
-        for name, stats in boot.items():
-            low, high = np.quantile(stats, [alpha, 1.0 - alpha])
-            intervals[name] = (float(low), float(high))
+        low, high = percentile_bootstrap(list(present.values()), _scores, n_resamples=n_resamples,
+                                         confidence=confidence, rng=rng_for(seed, combination))
+        intervals = {name: (float(low[i]), float(high[i])) for i, name in enumerate(SCORES)}
     return Robustness(combination, len(present), min_seeds, failed, missing, scores, intervals,
                       {c: float(v.mean()) for c, v in present.items()})
 
@@ -302,107 +232,3 @@ def rank(table: pd.DataFrame, *, score: str = "worst", higher_is_better: bool = 
         reason = (f"their {score} intervals overlap the leader's [{lead[0]:.4f}, {lead[1]:.4f}]; "
                   "more seeds would be needed to separate them")
     return table, Verdict(score, names, None, tied, reason)
-
-
-# ------------------------------------------------------------------------------------------------ rank correlation
-
-
-def rankdata(values: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n with ties given the average of the ranks they span (scipy's ``method='average'``)."""
-    x = np.asarray(values, dtype=float)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size, dtype=float)
-    sorted_x = x[order]
-    start = 0
-    while start < x.size:
-        stop = start + 1
-        while stop < x.size and sorted_x[stop] == sorted_x[start]:
-            stop += 1
-        ranks[order[start:stop]] = (start + 1 + stop) / 2.0  # mean of ranks start+1 .. stop
-        start = stop
-    return ranks
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if a.size != b.size:
-        raise ValueError(f"x and y differ in length: {a.size} != {b.size}")
-    if a.size < 2:
-        return math.nan
-    da, db = a - a.mean(), b - b.mean()
-    denominator = math.sqrt(float((da * da).sum()) * float((db * db).sum()))
-    return float((da * db).sum()) / denominator if denominator > 0 else math.nan
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the average ranks. Pairs with a NaN are dropped;
-    ``nan`` when fewer than two pairs remain or either side is constant."""
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if a.size != b.size:
-        raise ValueError(f"x and y differ in length: {a.size} != {b.size}")
-    keep = np.isfinite(a) & np.isfinite(b)
-    a, b = a[keep], b[keep]
-    if a.size < 2:
-        return math.nan
-    return pearson(rankdata(a), rankdata(b))
-
-
-def grace_vs_final(history: pd.DataFrame, grace_period: int, *, trial: str = "trial", epoch: str = "epoch",
-                   value: str = "value") -> pd.DataFrame:
-    """Per trial: its metric at the grace period (the last epoch <= grace_period) and at its last epoch.
-
-    Only trials that ran past the grace period are kept: for the others both values are the same number and
-    say nothing about whether stopping there was right.
-    """
-    rows = []
-    clean = history[np.isfinite(history[value].astype(float))]
-    for name, group in clean.groupby(trial, sort=True):
-        group = group.sort_values(epoch)
-        early = group[group[epoch] <= grace_period]
-        last = group.iloc[-1]
-        if early.empty or int(last[epoch]) <= grace_period:
-            continue
-        rows.append({trial: name, "at_grace": float(early.iloc[-1][value]), "grace_epoch": int(early.iloc[-1][epoch]),
-                     "final": float(last[value]), "final_epoch": int(last[epoch])})
-    return pd.DataFrame(rows, columns=[trial, "at_grace", "grace_epoch", "final", "final_epoch"])
-
-
-@dataclass
-class EarlyStoppingCheck:
-    grace_period: int
-    trials: int
-    rho: float
-    threshold: float
-    pairs: pd.DataFrame
-
-    @property
-    def low(self) -> bool:
-        return not math.isfinite(self.rho) or self.rho < self.threshold
-
-    def text(self) -> str:
-        if self.trials < 3 or not math.isfinite(self.rho):
-            return (f"not measurable: {self.trials} trial(s) ran past the grace period (epoch {self.grace_period}), "
-                    "and a rank correlation needs at least 3 whose values are not all tied")
-        line = (f"Spearman rank correlation between the metric at epoch {self.grace_period} (grace period) and at "
-                f"the last epoch: rho = {self.rho:.3f} over {self.trials} trials")
-        if self.low:
-            line += (f". WARNING: rho < {self.threshold}: the ranking at the grace period does not predict the final "
-                     "ranking; ASHA may prune slow starters (methods that start slow and overtake, such as "
-                     "SimSiam/NNCLR): raise the grace period or use a FIFO scheduler")
-        return line
-
-
-def early_stopping_check(history: pd.DataFrame, grace_period: int, *, threshold: float = LOW_RANK_CORRELATION,
-                         trial: str = "trial", epoch: str = "epoch", value: str = "value") -> EarlyStoppingCheck:
-    pairs = grace_vs_final(history, grace_period, trial=trial, epoch=epoch, value=value)
-    rho = spearman(pairs["at_grace"], pairs["final"]) if len(pairs) >= 2 else math.nan
-    return EarlyStoppingCheck(int(grace_period), len(pairs), rho, threshold, pairs)
-
-
-# ------------------------------------------------------------------------------------------------ marginals
-
-
-def marginal_table(frame: pd.DataFrame, key: str, *, value: str = "value", n_resamples: int = DEFAULT_RESAMPLES,
-                   confidence: float = DEFAULT_CONFIDENCE, seed: int = DEFAULT_SEED) -> pd.DataFrame:
-    """Mean of ``value`` per value of ``key`` over every run that has it, with a bootstrap interval over runs."""
-    return cell_table(frame, by=[key], value=value, n_resamples=n_resamples, confidence=confidence, seed=seed)

@@ -72,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--storage", default=DEFAULT_STORAGE, help="where the default store lives (default: runs)")
     compare.add_argument("--metric", help="metric to compare (default: the search's)")
     compare.add_argument("--top", type=int, default=10, help="configurations to list (default: 10)")
-    from experiments.report import add_arguments as report_arguments
+    from search.report.cli import add_arguments as report_arguments
 
-    report_arguments(sub.add_parser("report", help="Markdown report and plots of a study or search, from MLflow",
+    report_arguments(sub.add_parser("report", help="Markdown report and plots of a search or study, from MLflow",
                                     parents=[common]))  # fmt: skip
     return parser
 
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "resume":
             return _resume(args)
         if args.command == "report":
-            from experiments.report import run as write_report
+            from search.report.cli import run as write_report
 
             return write_report(args)
         return _compare(args)

@@ -1,10 +1,11 @@
 """Read a search back from MLflow and say which design choices mattered.
 
 ``compare(tracking_uri, experiment=..., parent_run=...)`` finds the search's parent run (by id, or the latest
-one of an experiment), its child runs (one per trial), each trial's best value of the search metric over its
-per-epoch history, and prints:
+one of an experiment), its child runs (one per trial, read by ``search.report.mlflow_io``), each trial's best epoch
+and value of the search metric (``search.best``, the one meaning of best), and prints:
 
-- the top configurations (rank, trial, status, best value, epochs, the searched values);
+- the top configurations in the order of the one ranking (rank, trial, status, best value, best epoch, epochs,
+  the searched values);
 - for each aspect and each other searched dimension, the mean and spread (std) of the best metric per value,
   with counts: the marginal effect of each design choice. Trials without a value (failed, diverged before one
   was reported) count under ``failed``, not in the mean.
@@ -17,24 +18,16 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from csl.metrics import METRICS
+from search import best
+from search.report.mlflow_io import TrialRecord, latest_run, trial_records
 from search.results import format_table
-from search.tracking import PARENT_TAG, SEARCH_TAG, STATUS_TAG, TRIAL_TAG
-
-ASPECTS = ("augment", "encoder", "extract", "similarity", "loss")
+from search.space.schema import ASPECT_KEYS
+from search.tracking import SEARCH_TAG
 
 
 class CompareError(LookupError):
     """The experiment or run asked for does not exist, or holds no search."""
-
-
-@dataclass
-class TrialRun:
-    run_id: str
-    trial_id: str
-    status: str
-    params: dict[str, str]
-    best: float | None
-    epochs: int
 
 
 @dataclass
@@ -44,34 +37,33 @@ class Comparison:
     metric: str
     mode: str
     searched: list[str]
-    trials: list[TrialRun] = field(default_factory=list)
+    trials: list[TrialRecord] = field(default_factory=list)
 
-    def ranked(self) -> list[TrialRun]:
-        sign = -1.0 if self.mode == "max" else 1.0
-        return sorted(self.trials, key=lambda t: (t.best is None, sign * t.best if t.best is not None else 0.0))
+    def ranked(self) -> list[TrialRecord]:
+        return best.ranked(self.trials, mode=self.mode, best=lambda t: t.best, trial_id=lambda t: t.trial_id)
 
     def factors(self) -> list[str]:
         """Aspects and searched dimensions that took more than one value in this search."""
-        keys = list(dict.fromkeys([*ASPECTS, *self.searched]))
+        keys = list(dict.fromkeys([*ASPECT_KEYS, *self.searched]))
         return [k for k in keys if len({t.params.get(k) for t in self.trials}) > 1]
 
     def marginals(self, key: str) -> list[dict[str, Any]]:
         """One row per value of ``key`` (per range, for a numeric key with more than ``BINS`` values)."""
-        groups: dict[str, list[TrialRun]] = {}
+        groups: dict[str, list[TrialRecord]] = {}
         label = _binner([t.params.get(key) for t in self.trials])
         for trial in self.trials:
             groups.setdefault(label(trial.params.get(key)), []).append(trial)
         rows = []
         for value, members in groups.items():
-            scores = [t.best for t in members if t.best is not None]
+            scores = [float(t.best.value) for t in members if t.best.found]
             rows.append(
                 {
                     key: value,
                     "n": len(scores),
                     "mean": statistics.fmean(scores) if scores else None,
                     "std": statistics.stdev(scores) if len(scores) > 1 else None,
-                    "best": (max if self.mode == "max" else min)(scores) if scores else None,
-                    "failed": sum(t.best is None for t in members),
+                    "best": best.best_of(enumerate(scores), self.mode).value,
+                    "failed": sum(not t.best.found for t in members),
                     "finished": sum(t.status == "finished" for t in members),
                 }
             )
@@ -85,17 +77,17 @@ class Comparison:
         lines = [
             f"search {self.parent_name} (parent run {self.parent_run_id}): {len(self.trials)} trials "
             f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})",
-            f"metric: best {self.metric} over each trial's epochs ({self.mode})",
+            f"metric: best {self.metric} over each trial's epochs ({self.mode}; ties: the earlier best epoch)",
             "",
             f"top {min(top, len(self.trials))} configurations:",
         ]
-        shown = [k for k in dict.fromkeys([*ASPECTS, *self.searched])]
+        shown = [k for k in dict.fromkeys([*ASPECT_KEYS, *self.searched])]
         rows = [
-            {"rank": i + 1, "trial_id": t.trial_id, "status": t.status, self.metric: t.best, "epochs": t.epochs,
-             **{k: _short(t.params.get(k)) for k in shown}}
+            {"rank": i + 1, "trial_id": t.trial_id, "status": t.status, self.metric: t.best.value,
+             "best_epoch": t.best.epoch, "epochs": t.epochs, **{k: _short(t.params.get(k)) for k in shown}}
             for i, t in enumerate(self.ranked()[:top])
         ]  # fmt: skip
-        lines.append(format_table(rows, ["rank", "trial_id", "status", self.metric, "epochs", *shown]))
+        lines.append(format_table(rows, ["rank", "trial_id", "status", self.metric, "best_epoch", "epochs", *shown]))
         for key in self.factors():
             lines += ["", f"{key}: {self.metric} per value (mean, spread over trials)"]
             lines.append(format_table(self.marginals(key), [key, "n", "mean", "std", "best", "failed", "finished"]))
@@ -142,15 +134,6 @@ def _binner(values: list[Any]):
     return label
 
 
-def _best(client: Any, run: Any, metric: str, mode: str) -> tuple[float | None, int]:
-    history = client.get_metric_history(run.info.run_id, metric)
-    values = [m.value for m in history if m.value is not None and math.isfinite(m.value)]
-    epochs = max((m.step for m in client.get_metric_history(run.info.run_id, "ssl_loss")), default=0)
-    if not values:
-        return None, epochs
-    return (max(values) if mode == "max" else min(values)), epochs
-
-
 def load(
     tracking_uri: str, *, experiment: str | None = None, parent_run: str | None = None, metric: str | None = None
 ) -> Comparison:
@@ -169,36 +152,25 @@ def load(
             names = [e.name for e in client.search_experiments(max_results=50)]
             raise CompareError(f"no experiment '{experiment}' in {tracking_uri}; experiments: {', '.join(names)}")
         experiment_id = found.experiment_id
-        parents = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{SEARCH_TAG}` LIKE '%'", order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )  # fmt: skip
-        if not parents:
+        parent = latest_run(client, experiment_id, [SEARCH_TAG])
+        if parent is None:
             raise CompareError(f"experiment '{experiment}' holds no csl-search run")
-        parent = parents[0]
     else:
         raise CompareError("give --experiment NAME or --parent-run ID")
     tags = parent.data.tags
-    metric = metric or tags.get("csl.metric") or "knn_acc"
-    mode = tags.get("csl.mode") or "max"
-    children = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000
-    )
+    searched_metric = tags.get("csl.metric") or "knn_acc"
+    metric = metric or searched_metric
+    if metric == searched_metric:
+        mode = tags.get("csl.mode") or "max"
+    elif metric in METRICS:  # another metric than the search's: compared in its own direction
+        mode = METRICS[metric].mode
+    else:
+        raise CompareError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}")
     comparison = Comparison(
         parent_run_id=parent.info.run_id, parent_name=parent.info.run_name, metric=metric, mode=mode, searched=[]
     )
-    for run in children:
-        best, epochs = _best(client, run, metric, mode)
-        searched = [k for k in run.data.tags.get("csl.searched", "").split(",") if k]
+    for record in trial_records(client, experiment_id, parent.info.run_id, metric, mode):
+        searched = [k for k in record.tags.get("csl.searched", "").split(",") if k]
         comparison.searched = list(dict.fromkeys([*comparison.searched, *searched]))
-        comparison.trials.append(
-            TrialRun(
-                run_id=run.info.run_id,
-                trial_id=run.data.tags.get(TRIAL_TAG, run.info.run_id),
-                status=run.data.tags.get(STATUS_TAG, run.info.status.lower()),
-                params=dict(run.data.params),
-                best=best,
-                epochs=epochs,
-            )
-        )
+        comparison.trials.append(record)
     return comparison

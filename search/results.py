@@ -1,10 +1,19 @@
 """The search's tables, read from the Ray experiment folder and written with pyarrow.
 
-``results.parquet``: one row per trial: ``trial_id``, ``trial_name``, ``status`` (finished, stopped, failed,
-diverged), ``error``, ``epochs`` run, ``planned_epochs``, ``wall_time_s``, where and how it ran
-(``node_id``, ``node_ip``, ``hostname``, ``precision``: bf16 or float32), ``best_ssl_loss`` / ``best_knn_acc`` /
-``best_probe_acc``, ``best_epoch`` (of the search metric), ``last_<metric>`` for every epoch metric,
-``mlflow_run_id``, then every key of the trial's config (aspects and hyperparameters) under its flat name.
+``results.parquet``: one row per trial, its columns in this order:
+
+1. what happened: ``trial_id``, ``trial_name``, ``status`` (finished, stopped, failed, diverged), ``error``,
+   ``epochs`` run, ``planned_epochs``, ``wall_time_s``, where and how it ran (``node_id``, ``node_ip``,
+   ``hostname``, ``precision``: bf16 or float32);
+2. ``best_epoch``: the trial's best epoch by the search metric and mode (``search.best``), then ``best_<m>`` for
+   every epoch metric ``m``: its value at that epoch (so ``best_<search metric>`` is the trial's best value), then
+   ``last_<m>``: its value at the trial's last epoch;
+3. ``mlflow_run_id`` (and ``variant`` for a neighbourhood space);
+4. the searched keys, in the space's order (aspects, then its other dimensions);
+5. every other option of the resolved config (``search.tracking.resolved_config``: the trial's config filled from
+   its preset and the trainer defaults, the values its MLflow params hold), sorted by name. An option whose name
+   is taken by a column above or by a metric is written as ``config.<name>``: today only ``config.epochs``
+   (the planned length, which ``planned_epochs`` also holds; ``epochs`` is what it ran).
 
 ``history.parquet``: one row per trial per reported epoch: ``trial_id``, ``epoch``, the epoch metrics,
 ``diverged``, ``time_total_s``, ``timestamp``, ``node_id``.
@@ -24,7 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
 
+from search import best
 from search.status import EPOCH_METRICS, NODE_KEYS, error_summary, planned_epochs, trial_status
+from search.tracking import resolved_config
 
 STATUS_FILE = "trial_status.json"
 
@@ -57,7 +68,6 @@ class FinalStatus(Callback):
             f.write(json.dumps({t.trial_id: t.status for t in trials}).encode())
 
 
-BEST = {"ssl_loss": min, "knn_acc": max, "probe_acc": max}
 HISTORY_COLUMNS = ("trial_id", "epoch", *EPOCH_METRICS, "diverged", "time_total_s", "timestamp", "node_id")
 
 
@@ -65,11 +75,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
-
-
-def _finite(value: Any) -> bool:
-    number = _number(value)
-    return number is not None and math.isfinite(number)
 
 
 def _history_rows(trial_id: str, frame: Any) -> list[dict[str, Any]]:
@@ -95,7 +100,6 @@ def _history_rows(trial_id: str, frame: Any) -> list[dict[str, Any]]:
 def collect(
     experiment_path: str,
     *,
-    metric: str,
     max_epochs: int,
     extra: Mapping[str, Mapping[str, Any]] | None = None,
     statuses: Mapping[str, str] | None = None,
@@ -103,6 +107,7 @@ def collect(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(trial rows, history rows) of the experiment in ``experiment_path`` (local folder or URI).
 
+    The rows have no ``best_*`` / ``last_*`` columns yet: ``score`` adds them once the history is complete.
     ``extra``: more columns per Ray trial id (the MLflow run id, the variant), put before the config's keys.
     ``statuses``: Ray status per trial id as the driver last saw it (``FinalStatus``), over the snapshot's.
     """
@@ -132,28 +137,40 @@ def collect(
             "planned_epochs": planned,
             "wall_time_s": _number(last.get("time_total_s")),
             **{key: last.get(key) if isinstance(last.get(key), str) else None for key in NODE_KEYS},
+            "mlflow_run_id": None,
         }
-        for name, pick in BEST.items():
-            values = [r[name] for r in rows if _finite(r.get(name))]
-            row[f"best_{name}"] = pick(values) if values else None
-        scored = [r for r in rows if _finite(r.get(metric))]
-        if scored:
-            pick = BEST.get(metric, max)
-            row["best_epoch"] = pick(scored, key=lambda r: r[metric])["epoch"]
-            if f"best_{metric}" not in row:
-                row[f"best_{metric}"] = pick(r[metric] for r in scored)
-        else:
-            row["best_epoch"] = None
-            row.setdefault(f"best_{metric}", None)
-        final = rows[-1] if rows else {}
-        for name in EPOCH_METRICS:
-            row[f"last_{name}"] = final.get(name)
-        row["mlflow_run_id"] = None
         row.update((extra or {}).get(trial.trial_id, {}))
-        for key, value in config.items():
-            row.setdefault(key, value)
+        for key, value in sorted(resolved_config(config).items()):
+            row[config_column(key)] = value
         trials.append(row)
     return trials, history
+
+
+def config_column(option: str) -> str:
+    """The results.parquet column of a config option: its flat name, unless a trial column or a metric has it."""
+    return f"config.{option}" if option in TRIAL_COLUMNS or option in EPOCH_METRICS else option
+
+
+def score(trials: list[dict[str, Any]], history: list[dict[str, Any]], *, metric: str, mode: str) -> None:
+    """Add ``best_epoch``, ``best_<m>`` and ``last_<m>`` to every trial row from its (complete) history."""
+    per_trial: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(history, key=lambda r: r["epoch"]):
+        per_trial.setdefault(row["trial_id"], []).append(row)
+    for trial in trials:
+        rows = per_trial.get(trial["trial_id"], [])
+        found = best.best_of(((r["epoch"], r.get(metric)) for r in rows), mode)
+        at_best = next((r for r in rows if r["epoch"] == found.epoch), {})
+        final = rows[-1] if rows else {}
+        trial["best_epoch"] = found.epoch
+        for name in EPOCH_METRICS:
+            trial[f"best_{name}"] = at_best.get(name)
+            trial[f"last_{name}"] = final.get(name)
+
+
+def trial_best(row: Mapping[str, Any], metric: str) -> best.Best:
+    """A scored trial row's best epoch and value (``score``)."""
+    value = row.get(f"best_{metric}")
+    return best.Best(row.get("best_epoch"), float(value)) if best.finite(value) else best.NONE
 
 
 def _column(values: Sequence[Any]) -> pa.Array:
@@ -180,33 +197,52 @@ def to_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] = (), met
     return pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(schema_meta or None)
 
 
-RESULT_COLUMNS = (
+TRIAL_COLUMNS = (
     "trial_id", "trial_name", "status", "error", "epochs", "planned_epochs", "wall_time_s", *NODE_KEYS,
-    "best_ssl_loss", "best_knn_acc", "best_probe_acc", "best_epoch", *(f"last_{m}" for m in EPOCH_METRICS),
+    "best_epoch", *(f"best_{m}" for m in EPOCH_METRICS), *(f"last_{m}" for m in EPOCH_METRICS),
     "mlflow_run_id",
 )  # fmt: skip
 
 
+def result_columns(trials: Sequence[Mapping[str, Any]], searched: Sequence[str] = ()) -> list[str]:
+    """results.parquet's column order (module docstring): trial columns, searched keys, the other options."""
+    present = {key for row in trials for key in row}
+    head = [*TRIAL_COLUMNS, *(["variant"] if "variant" in present else [])]
+    searched = [config_column(k) for k in searched if config_column(k) in present and config_column(k) not in head]
+    return [*head, *dict.fromkeys(searched), *sorted(present - set(head) - set(searched))]
+
+
 def write_tables(
-    folder: str, trials: list[dict[str, Any]], history: list[dict[str, Any]], meta: Mapping[str, str]
+    folder: str, trials: list[dict[str, Any]], history: list[dict[str, Any]], meta: Mapping[str, str],
+    searched: Sequence[str] = (),
 ) -> tuple[str, str]:
-    """Write ``results.parquet`` and ``history.parquet`` into ``folder`` (local path or URI); return their paths."""
+    """Write ``results.parquet`` and ``history.parquet`` into ``folder`` (local path or URI); return their paths.
+
+    ``searched``: the space's searched keys, the first config columns.
+    """
     import pyarrow.fs as pafs
 
     fs, base = pafs.FileSystem.from_uri(folder) if "://" in folder else (pafs.LocalFileSystem(), folder)
     fs.create_dir(base, recursive=True)
     results_path = f"{base.rstrip('/')}/results.parquet"
     history_path = f"{base.rstrip('/')}/history.parquet"
-    pq.write_table(to_table(trials, RESULT_COLUMNS, meta), results_path, filesystem=fs)
+    pq.write_table(to_table(trials, result_columns(trials, searched), meta), results_path, filesystem=fs)
     pq.write_table(to_table(history, HISTORY_COLUMNS, meta), history_path, filesystem=fs)
     return results_path, history_path
 
 
 def ranked(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
-    """Trials best first by their best value of the search metric; trials without one last."""
-    key = f"best_{metric}"
-    sign = -1.0 if mode == "max" else 1.0
-    return sorted(trials, key=lambda r: (0, sign * r[key]) if _finite(r.get(key)) else (1, 0.0))
+    """Scored trial rows in the order of the one ranking (``search.best``)."""
+    return best.ranked(trials, mode=mode, best=lambda r: trial_best(r, metric), trial_id=lambda r: str(r["trial_id"]))
+
+
+def best_trial(trials: list[dict[str, Any]], metric: str, mode: str) -> best.BestTrial | None:
+    """The first of the ranking, when it has a best value."""
+    for row in ranked(trials, metric, mode)[:1]:
+        found = trial_best(row, metric)
+        if found.found:
+            return best.BestTrial(metric, str(row["trial_id"]), row.get("mlflow_run_id"), int(found.epoch), found.value)
+    return None
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -226,6 +262,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
 
 
 def ranking_text(trials: list[dict[str, Any]], *, metric: str, mode: str, shown: Sequence[str], top: int = 20) -> str:
+    """The table a search prints: its trials in the order of the ranking, best first."""
     rows = [{"rank": i + 1, **r} for i, r in enumerate(ranked(trials, metric, mode)[:top])]
-    columns = ["rank", "trial_id", "status", f"best_{metric}", "best_epoch", "epochs", "wall_time_s", *shown]
+    columns = ["rank", "trial_id", "status", f"best_{metric}", "best_epoch", f"last_{metric}", "epochs",
+               "wall_time_s", *(config_column(k) for k in shown)]
     return format_table(rows, [c for c in dict.fromkeys(columns)])

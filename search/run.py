@@ -6,7 +6,9 @@ calls; both return a ``SearchOutcome`` (paths, ranked rows, the text to print).
 The order of a run: check that the storage folder can be written, create the experiment folder (exclusively),
 check the tracking store (seconds, before any compute), start Ray, create the MLflow parent run, write
 ``csl_search.json`` and a copy of the space file, build the searcher, scheduler and callbacks, fit, write
-``results.parquet`` / ``history.parquet`` (also logged to the parent run), end the parent run, stop Ray. A resume
+``results.parquet`` / ``history.parquet`` (also logged to the parent run), write the search's report
+(``search.report``: ``<experiment folder>/report/``, logged to the parent under ``report/``), end the parent run
+(its best trial by ``search.best``), stop Ray. A resume
 reads ``csl_search.json`` and the space copy, checks the folder (``search.recovery``), builds the same pieces anew
 and lets Tune restore its snapshot into them. Both own SIGINT and SIGTERM while they run (``search.interrupt``).
 
@@ -81,6 +83,7 @@ class SearchOutcome:
     interrupted: bool = False  # stopped by Ctrl-C / SIGTERM: `csl-search resume` continues it
     notes: list[str] = field(default_factory=list)  # what a resume found and did
     problems: list[str] = field(default_factory=list)  # planned trials the search did not end: it is not complete
+    report_path: str | None = None  # the report written at the end (None: it failed; the parent says why)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -102,6 +105,7 @@ class SearchOutcome:
             "",
             f"results: {self.results_path}",
             f"history: {self.history_path}",
+            f"report:  {self.report_path or 'not written (see the parent run tag csl.report_warning)'}",
             f"MLflow: experiment '{self.experiment_name}', parent run {self.parent_run_id}",
         ]
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -463,7 +467,8 @@ def _fit_and_finish(
     from mlflow import MlflowClient
 
     from search.recovery import missing_trials
-    from search.results import ranked
+    from search.report.build import end_of_search_report
+    from search.results import best_trial
     from search.tracking import finish_parent
 
     with interrupt.fitting():
@@ -475,13 +480,11 @@ def _fit_and_finish(
     lost = missing_trials(ledger.planned(), outcome.trials)
     if lost and not outcome.interrupted:
         outcome.problems.append(f"{len(lost)} planned trials did not run: {', '.join(p.trial_id for p in lost)}")
-    key = f"best_{outcome.metric}"
-    scored = [r for r in outcome.trials if isinstance(r.get(key), float)]
-    best = ranked(scored, outcome.metric, outcome.mode)[0] if scored else None
+    outcome.report_path = end_of_search_report(state["tracking_uri"], state["parent_run_id"], outcome.experiment_path)
     local = [] if storage.is_uri(outcome.results_path) else [outcome.results_path, outcome.history_path]
     finish_parent(
-        MlflowClient(tracking_uri=state["tracking_uri"]), state["parent_run_id"], files=local,
-        counts=outcome.counts(), best=(key, float(best[key]), str(best["trial_id"])) if best else None,
+        MlflowClient(tracking_uri=state["tracking_uri"]), state["parent_run_id"], files=local, counts=outcome.counts(),
+        best=best_trial(outcome.trials, outcome.metric, outcome.mode),
         interrupted=outcome.interrupted or bool(outcome.unfinished()) or bool(outcome.problems),
         step=int(state.get("resumes", 0)),
     )  # fmt: skip
@@ -492,7 +495,7 @@ def write_results(state: Mapping[str, Any]) -> SearchOutcome:
     """Read the experiment folder back and write the two tables (MLflow is only read)."""
     from mlflow import MlflowClient
 
-    from search.results import STATUS_FILE, collect, ranking_text, write_tables
+    from search.results import STATUS_FILE, collect, ranking_text, score, write_tables
     from search.tracking import backfill_history, run_columns, trial_runs
 
     path = state["experiment_path"]
@@ -502,12 +505,11 @@ def write_results(state: Mapping[str, Any]) -> SearchOutcome:
         statuses = {}
     client = MlflowClient(tracking_uri=state["tracking_uri"])
     runs = trial_runs(client, state["experiment_id"], state["parent_run_id"])
-    trials, history = collect(
-        path, metric=state["metric"], max_epochs=int(state["max_epochs"]), extra=run_columns(runs), statuses=statuses
-    )
+    trials, history = collect(path, max_epochs=int(state["max_epochs"]), extra=run_columns(runs), statuses=statuses)
     backfill_history(client, trials, history)
+    score(trials, history, metric=state["metric"], mode=state["mode"])
     meta = {"csl.metric": state["metric"], "csl.mode": state["mode"], "csl.space": state.get("space_name", "")}
-    results_path, history_path = write_tables(path, trials, history, meta)
+    results_path, history_path = write_tables(path, trials, history, meta, searched=state.get("shown", []))
     return SearchOutcome(
         experiment_path=path,
         tracking_uri=state["tracking_uri"],

@@ -15,36 +15,43 @@ from typing import Any
 SCHEDULERS = ("asha", "hyperband", "pbt", "fifo")
 
 
+def scheduler_settings(name: str, space: Any, max_epochs: int) -> dict[str, Any]:
+    """The parameters ``build_scheduler`` gives scheduler ``name``: what the search's parent run records."""
+    budget = dict(space.budget or {})
+    if name == "asha":
+        return {"time_attr": "epoch", "max_t": max_epochs, "grace_period": int(budget.get("grace_period", 1)),
+                "reduction_factor": float(budget.get("reduction_factor", 2))}  # fmt: skip
+    if name == "hyperband":
+        return {"time_attr": "epoch", "max_t": max_epochs, "reduction_factor": float(budget.get("reduction_factor", 3))}
+    if name == "pbt":
+        # Exploit/explore every grace_period epochs: the span after which ASHA would judge a trial too.
+        return {"time_attr": "epoch", "perturbation_interval": int(budget.get("grace_period", 1)),
+                "hyperparam_mutations": sorted(continuous_bounds(space))}  # fmt: skip
+    if name == "fifo":
+        return {}
+    raise ValueError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}")
+
+
 def build_scheduler(name: str, space: Any, max_epochs: int, seed: int = 0) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
 
-    budget = dict(space.budget or {})
+    settings = scheduler_settings(name, space, max_epochs)
     if name == "asha":
-        return ASHAScheduler(
-            time_attr="epoch",
-            max_t=max_epochs,
-            grace_period=int(budget.get("grace_period", 1)),
-            reduction_factor=float(budget.get("reduction_factor", 2)),
-        )
+        return ASHAScheduler(**settings)
     if name == "hyperband":
-        return HyperBandScheduler(
-            time_attr="epoch", max_t=max_epochs, reduction_factor=float(budget.get("reduction_factor", 3))
-        )
+        return HyperBandScheduler(**settings)
     if name == "pbt":
         mutations = continuous_mutations(space)
         if not mutations:
             raise ValueError(f"pbt needs continuous dimensions (uniform, loguniform) to perturb; {space.name} has none")
         random.seed(seed)  # PBT draws its exploit/explore decisions from the global generator
         return PopulationBasedTraining(
-            time_attr="epoch",
-            # Exploit/explore every grace_period epochs: the span after which ASHA would judge a trial too.
-            perturbation_interval=int(budget.get("grace_period", 1)),
+            time_attr=settings["time_attr"],
+            perturbation_interval=settings["perturbation_interval"],
             hyperparam_mutations=mutations,
             custom_explore_fn=functools.partial(clip_to_bounds, bounds=continuous_bounds(space)),
         )
-    if name == "fifo":
-        return FIFOScheduler()
-    raise ValueError(f"unknown scheduler '{name}'; choose one of: {', '.join(SCHEDULERS)}")
+    return FIFOScheduler()
 
 
 def continuous_bounds(space: Any) -> dict[str, tuple[float, float]]:

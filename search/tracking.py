@@ -155,7 +155,12 @@ def start_parent_run(
     params: Mapping[str, Any],
     repo: str | Path,
 ) -> str:
-    """Create the search's parent run with its provenance tags, its options as params, the space as artifact."""
+    """Create the search's parent run with its provenance tags, its options and setup as params
+    (``search.parent_params``), the space as artifact, its data sets as MLflow dataset inputs."""
+    from search.parent_params import search_datasets, setup_params
+
+    datasets = search_datasets(space)
+    params = {**params, **setup_params(space, params, datasets)}
     tags = {
         SEARCH_TAG: experiment_path,
         "csl.space": space.name,
@@ -179,6 +184,9 @@ def start_parent_run(
 
     client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in sorted(params.items())])
     client.log_text(run_id, space.text, f"space/{Path(str(space.path)).name}")
+    inputs = [found for found in (dataset_input(d) for d in datasets) if found is not None]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
     return run_id
 
 
@@ -322,12 +330,14 @@ def backfill_history(client: Any, trials: list[dict[str, Any]], history: list[di
 
 
 def finish_parent(
-    client: Any, run_id: str, *, files: list[str], counts: Mapping[str, int], best: tuple[str, float, str] | None,
-    interrupted: bool, step: int = 0,
+    client: Any, run_id: str, *, files: list[str], counts: Mapping[str, int], best: Any, interrupted: bool,
+    step: int = 0,
 ) -> None:  # fmt: skip
-    """End the parent run: the tables as artifacts, trial counts and the best value as metrics, the status.
+    """End the parent run: the tables as artifacts, trial counts and the best trial, the status.
 
-    ``step``: how many times the search was resumed (the metrics of each end sit at their own step).
+    ``best``: a ``search.best.BestTrial`` (or None): tags ``csl.best_trial``, ``csl.best_run_id``,
+    ``csl.best_epoch``, metrics ``best_<metric>`` and ``best_epoch``. ``step``: how many times the search was
+    resumed (the metrics of each end sit at their own step).
     """
     from mlflow.entities import Metric
 
@@ -337,9 +347,12 @@ def finish_parent(
     metrics = [Metric(f"trials_{status}", float(n), stamp, step) for status, n in counts.items()]
     metrics.append(Metric("trials", float(sum(counts.values())), stamp, step))
     if best is not None:
-        name, value, trial_id = best
-        metrics.append(Metric(name, value, stamp, step))
-        client.set_tag(run_id, "csl.best_trial", trial_id)
+        metrics += [Metric(f"best_{best.metric}", best.value, stamp, step),
+                    Metric("best_epoch", float(best.epoch), stamp, step)]
+        client.set_tag(run_id, "csl.best_trial", best.trial_id)
+        client.set_tag(run_id, "csl.best_epoch", str(best.epoch))
+        if best.run_id:
+            client.set_tag(run_id, "csl.best_run_id", best.run_id)
     client.log_batch(run_id, metrics=metrics)
     client.set_tag(run_id, "csl.search_status", INTERRUPTED if interrupted else "finished")
     client.set_terminated(run_id, status=RUN_STATUS[INTERRUPTED] if interrupted else "FINISHED")

@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,30 @@ def search_env(**extra: str) -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     env.update(extra)
     return env
+
+
+@contextmanager
+def local_ray(num_cpus: int = 2) -> Iterator[None]:
+    """A local Ray instance whose workers import this checkout (``search_env``), shared by a test module's searches
+    (``run_search`` leaves alone an instance it did not start); stopped, and the environment restored, after."""
+    import ray
+
+    from search.local_ray import init_ray
+
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "RAY_AUTH_MODE")}
+    os.environ["PYTHONPATH"] = search_env()["PYTHONPATH"]
+    os.environ.pop("RAY_AUTH_MODE", None)  # as csl-search starts Ray: token auth on
+    started = init_ray(None, num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -42,3 +43,52 @@ def cifar_mini() -> tuple[Any, Any]:
 
     return load("cifar10-mini", split="train", limit=TINY["train_limit"]), load("cifar10-mini", split="test",
                                                                                limit=TINY["test_limit"])
+
+
+# ------------------------------------------------------------------------------------------------ reading reports
+
+
+def md_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every Markdown table of a report: (header cells, rows of cells)."""
+    found, block = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+        elif block:
+            found.append((block[0], block[2:]))
+            block = []
+    return found
+
+
+def table_with(markdown: str, *header: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table whose header starts with ``header``, as {header cell: cell}."""
+    for head, rows in md_tables(markdown):
+        if head[: len(header)] == list(header):
+            return [dict(zip(head, row, strict=True)) for row in rows]
+    raise AssertionError(f"no table with header {header} in the report")
+
+
+# ------------------------------------------------------------------------------------------------ "best", transcribed
+# The rule of search.best, read plainly: a trial's best epoch is the epoch of its best finite value (max or min), the
+# earliest of equal ones; trials rank by best value, then the earlier best epoch, then trial id; trials without a
+# finite value come last, by trial id.
+
+
+def transcribed_best(history: dict[int, float], mode: str) -> tuple[int, float] | None:
+    finite = {e: v for e, v in history.items() if v is not None and math.isfinite(v)}
+    if not finite:
+        return None
+    top = max(finite.values()) if mode == "max" else min(finite.values())
+    return min(e for e, v in finite.items() if v == top), top
+
+
+def transcribed_order(histories: dict[str, dict[int, float]], mode: str) -> list[str]:
+    scored, unscored = [], []
+    for trial, history in histories.items():
+        found = transcribed_best(history, mode)
+        if found is None:
+            unscored.append(trial)
+        else:
+            epoch, value = found
+            scored.append((-value if mode == "max" else value, epoch, trial))
+    return [t for *_, t in sorted(scored)] + sorted(unscored)

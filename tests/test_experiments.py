@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import search_env
+from tests.conftest import local_ray, search_env
+from tests.helpers import table_with
 
 pytestmark = pytest.mark.slow
 
@@ -32,27 +33,9 @@ METHODS = ["amdim", "byol", "cpc_v2", "moco_v2", "simclr", "yadim"]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict[str, Any]:
     """Storage folder, SQLite tracking URI and one shared local Ray instance for the module."""
-    import os
-
-    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "RAY_AUTH_MODE")}
-    os.environ["PYTHONPATH"] = search_env()["PYTHONPATH"]
-    os.environ.pop("RAY_AUTH_MODE", None)  # as csl-search starts Ray: token auth on
-    import ray
-
-    from search.run import init_ray
-
     storage = tmp_path_factory.mktemp("studies")
-    started = init_ray(None, 2, 0)
-    try:
+    with local_ray():
         yield {"storage": storage, "uri": f"sqlite:///{storage / 'mlflow.db'}", "timings": {}}
-    finally:
-        if started:
-            ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_study(module: Any, name: str, store: dict[str, Any]) -> dict[str, Any]:
@@ -84,25 +67,6 @@ def run_study(module: Any, name: str, store: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-
-
-def tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
-    """Every Markdown table: (header cells, rows of cells)."""
-    found, block = [], []
-    for line in [*markdown.splitlines(), ""]:
-        if line.startswith("|"):
-            block.append([c.strip() for c in line.strip().strip("|").split(" | ")])
-        elif block:
-            found.append((block[0], block[2:]))
-            block = []
-    return found
-
-
-def table_with(markdown: str, *header: str) -> list[dict[str, str]]:
-    for head, rows in tables(markdown):
-        if head[: len(header)] == list(header):
-            return [dict(zip(head, row, strict=True)) for row in rows]
-    raise AssertionError(f"no table with header {header} in the report")
 
 
 def interval(text: str) -> tuple[float, float]:
@@ -160,7 +124,7 @@ def check_ranking(report: str, cells: dict[tuple, list[float]], first: str, rena
 
 
 def check_spearman(report: str, runs: list[Any], client: Any, grace: int = 1) -> None:
-    from experiments.stats import spearman
+    from scipy.stats import spearmanr
 
     early, final = [], []
     for run in runs:
@@ -171,7 +135,7 @@ def check_spearman(report: str, runs: list[Any], client: Any, grace: int = 1) ->
     match = re.search(r"rho = (-?[0-9.]+) over (\d+) trials", report)
     assert match, "the report prints the early-stopping rank correlation"
     assert int(match.group(2)) == len(early)
-    assert float(match.group(1)) == pytest.approx(spearman(early, final), abs=6e-4)
+    assert float(match.group(1)) == pytest.approx(spearmanr(early, final).statistic, abs=6e-4)
 
 
 def check_files(result: dict[str, Any], names: list[str]) -> None:
@@ -274,7 +238,7 @@ def test_rediscover_yadim_smoke(store):
 def test_report_cli_on_a_plain_search_and_on_a_bad_target(store, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from experiments.report import main
+    from experiments.report.cli import main
 
     client = MlflowClient(tracking_uri=store["uri"])
     experiment = client.get_experiment_by_name("rediscover_yadim")
@@ -288,6 +252,41 @@ def test_report_cli_on_a_plain_search_and_on_a_bad_target(store, tmp_path, capsy
     assert main(["no-such-experiment-or-run", "--mlflow-uri", store["uri"], "--no-log"]) == 2
     assert "neither a run id nor an experiment name" in capsys.readouterr().err
     assert math.isfinite(sum(store["timings"].values()))
+
+
+def test_csl_search_report_hands_a_study_run_to_its_entry_point(store, tmp_path, monkeypatch):
+    """``csl-search report <study run>`` through the entry point ``pyproject.toml`` declares (its metadata built by
+    setuptools, as ``pip install -e .`` would, onto the child's path); without the plugin, one clear error."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+    from setuptools import build_meta
+
+    from search.report.build import write_report
+    from search.report.mlflow_io import ReportError
+    from tests.conftest import REPO
+
+    client = MlflowClient(tracking_uri=store["uri"])
+    experiment = client.get_experiment_by_name("encoder_robustness")
+    if experiment is None:
+        pytest.skip("needs the encoder study of this module")
+    (study,) = client.search_runs([experiment.experiment_id], filter_string="tags.`csl.study` LIKE '%'")
+    with pytest.raises(ReportError, match="python -m experiments.report"):
+        write_report(store["uri"], study.info.run_id, tmp_path / "none", reporters={})
+    metadata = tmp_path / "metadata"
+    metadata.mkdir()
+    monkeypatch.chdir(REPO)  # setuptools reads pyproject.toml from the working folder
+    build_meta.prepare_metadata_for_build_wheel(str(metadata))
+    env = search_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(metadata), env["PYTHONPATH"]])
+    out = subprocess.run([sys.executable, "-m", "search", "report", "encoder_robustness", "--mlflow-uri", store["uri"],
+                          "--out", str(tmp_path / "out"), "--no-log", "--resamples", "200"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "# Robustness to the choice of encoder" in report and "Ranked by the **worst case**" in report
 
 
 @pytest.mark.parametrize("scale_name", ["smoke", "cifar", "paper"])

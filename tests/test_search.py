@@ -274,6 +274,28 @@ def test_compare_prints_top_configs_and_marginals(main_search: dict[str, Any], c
     assert "diverged" in text and "failed" in text
 
 
+def test_the_search_wrote_its_report_with_its_schedulers_settings(main_search: dict[str, Any]) -> None:
+    """The report a plain search writes as it ends (the real trainer, ASHA): the scheduler's parameters and the
+    budget from the parent run, and the early-stopping check over the trials ASHA kept past the grace period."""
+    import math
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(main_search["uri"])
+    parent_id = json.loads((main_search["path"] / "csl_search.json").read_text())["parent_run_id"]
+    params = client.get_run(parent_id).data.params
+    assert (params["budget.grace_period"], params["scheduler.grace_period"]) == ("1", "1")
+    assert params["scheduler.max_t"] == "2"
+    assert float(params["scheduler.reduction_factor"]) == 4
+    report = (main_search["path"] / "report" / "report.md").read_text()
+    assert "scheduler asha (grace_period 1, reduction_factor 4.0000)" in report and "budget 2 epochs" in report
+    assert "grace period 1 epoch(s)" in report
+    histories = [client.get_metric_history(kid.info.run_id, "ssl_loss") for kid in children(client, parent_id)]
+    past = sum(any(m.step > 1 and math.isfinite(m.value) for m in history) for history in histories)
+    found = f"over {past} trials" if past >= 3 else f"not measurable: {past} trial(s) ran past the grace period"
+    assert "**Early-stopping check** (trials that ran past the grace period" in report and found in report
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 

@@ -1,27 +1,26 @@
-"""The report's sections: the robustness ranking of a fixed-budget grid stage and the summary of a searched stage,
-each with its tables, plots, marginal effects and early-stopping check.
+"""The robustness section of a study's report: the ranking of a fixed-budget grid stage by robustness over its
+conditions, its cells, heatmaps and bars, then (``search.report.sections.close_stage``) the marginal effects and
+the early-stopping check every section ends with.
 
-A section returns its Markdown lines, the plots it drew and the lines it adds to the headline (what the study
-command prints), so the report can put the same findings in both places without computing them twice.
+Every value here is a run's ``final`` value, its metric at its last epoch: the model the fixed budget produced,
+the same epoch for every run (a run's best epoch would be chosen on the evaluation split). It is never called
+"best", which is a search's word (``search.best``).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from experiments.common import ASPECTS
-from experiments.report.mlflow_io import Stage
-from experiments.report.plots import early_stopping_plot, heatmap, marginal_plot, robustness_bars
-from experiments.report.tables import md_table, metric_label
-from experiments.stats import Verdict, cell_table, early_stopping_check, marginal_table, rank, robustness_table
+from experiments.report.plots import heatmap, robustness_bars
+from experiments.stats import rank, robustness_table
+from search.report.mlflow_io import Stage
+from search.report.sections import Section, close_stage
+from search.report.stats import cell_table
+from search.report.tables import md_table, metric_label
 
 CONDITION_NAMES = {"encoder": "encoders", "extract": "extraction strategies", "encoder / extract":
                    "encoder × extraction pairs"}
@@ -31,81 +30,6 @@ SCORE_WHY = (
     "condition and poor on another; the spread alone rewards a design that is uniformly poor (chance everywhere "
     "has zero spread). Mean and spread are shown beside it."
 )
-
-
-@dataclass
-class Section:
-    lines: list[str] = field(default_factory=list)
-    plots: list[Path] = field(default_factory=list)
-    headline: list[str] = field(default_factory=list)
-    verdict: Verdict | None = None
-    ranked: pd.DataFrame | None = None
-    cells: pd.DataFrame | None = None
-
-
-def status_counts(runs: pd.DataFrame) -> str:
-    """How the trials of a stage ended, e.g. "3 finished, 1 failed"."""
-    if not len(runs):
-        return "no trials"
-    counts = runs["status"].value_counts().sort_index()
-    return ", ".join(f"{n} {s}" for s, n in counts.items())
-
-
-def _varying(runs: pd.DataFrame, keys: Sequence[str]) -> list[str]:
-    return [k for k in dict.fromkeys(keys) if k in runs and runs[k].astype(str).nunique() > 1]
-
-
-def _early_stopping(stage: Stage, metric: str, out: Path, prefix: str, note: str) -> Section:
-    section = Section()
-    grace = stage.info.get("grace_period")
-    if not grace:
-        section.lines += ["", f"Early-stopping check: no grace period recorded for stage {stage.name}; skipped."]
-        return section
-    check = early_stopping_check(stage.history, int(grace))
-    section.lines += ["", f"**Early-stopping check** ({note}): {check.text()}."]
-    section.headline += ["", f"Early-stopping check, stage {stage.name}: {check.text()}."]
-    plot = early_stopping_plot(check, path=out / f"{prefix}_early_stopping.png",
-                               title=f"Stage {stage.name}: does the grace-period ranking hold?", metric=metric)
-    if plot:
-        section.plots.append(plot)
-        section.lines += ["", f"![early-stopping check]({plot.name})"]
-    return section
-
-
-def _marginals(frame: pd.DataFrame, keys: Sequence[str], out: Path, prefix: str, title: str, metric: str,
-               n_resamples: int, seed: int) -> Section:
-    section = Section()
-    keys = _varying(frame[np.isfinite(frame["value"].astype(float))], keys)
-    if not keys:
-        return section
-    tables = {k: marginal_table(frame.assign(**{k: frame[k].astype(str)}), k, n_resamples=n_resamples, seed=seed)
-              for k in keys}
-    section.lines += ["", f"### Marginal effect of each aspect value ({title})", "",
-                      "Mean over every run with that value (all other aspects pooled), 95% bootstrap interval over "
-                      "those runs. Marginals pool unequal company: read them as a summary, not as a controlled "
-                      "comparison."]
-    for key, table in tables.items():
-        rows = table.sort_values("mean", ascending=False).to_dict("records")
-        section.lines += ["", md_table(rows, [(key, key), ("seeds", "runs"), ("mean", "mean"),
-                                              ("ci_low|ci_high", "95% CI"), ("failed", "failed")])]
-    plot = marginal_plot(tables, path=out / f"{prefix}_marginals.png",
-                         title=f"Marginal effect of each aspect value — {title} (mean, 95% bootstrap CI)",
-                         metric=metric)
-    section.plots.append(plot)
-    section.lines += ["", f"![marginal effects]({plot.name})"]
-    return section
-
-
-def _close_stage(section: Section, stage: Stage, frame: pd.DataFrame, keys: Sequence[str], title: str,
-                 check_note: str, out: Path, metric: str, n_resamples: int, seed: int) -> Section:
-    """End a stage's section the same way for both kinds of stage: marginal effects, then the early-stopping check
-    (whose finding also goes into the headline); ``check_note`` says what the check means for this stage."""
-    marg = _marginals(frame, keys, out, stage.name, title, metric, n_resamples, seed)
-    es = _early_stopping(stage, metric, out, stage.name, check_note)
-    section.lines += marg.lines + es.lines
-    section.plots += marg.plots + es.plots
-    section.headline += es.headline
-    return section
 
 
 def robustness_section(stage: Stage, design: Mapping[str, Any], out: Path, *, n_resamples: int, seed: int,
@@ -123,7 +47,7 @@ def robustness_section(stage: Stage, design: Mapping[str, Any], out: Path, *, n_
     runs["combination"] = runs[key].astype(str).map(lambda v: (labels or {}).get(v, v))
     for c in conditions:
         runs[c] = runs[c].astype(str)
-    frame = runs[["combination", *conditions, "seed", "value", "status"]]
+    frame = runs[["combination", *conditions, "seed", "final", "status"]]
     # Cells that cannot train (refused before launch) are not applicable: neither expected nor missing.
     refused = [item for item in design.get("not_applicable", [])]
     values = {c: sorted(runs[c].unique()) for c in conditions}
@@ -140,8 +64,8 @@ def robustness_section(stage: Stage, design: Mapping[str, Any], out: Path, *, n_
             for c in conditions:
                 na_pairs.add((name, str(cell.get(c))))
         applicable[name] = [c for c in every if c not in blocked]
-    table = robustness_table(frame, combination="combination", condition=conditions, applicable=applicable,
-                             n_resamples=n_resamples, seed=seed)
+    table = robustness_table(frame, combination="combination", condition=conditions, value="final",
+                             applicable=applicable, n_resamples=n_resamples, seed=seed)
     ranked, verdict = rank(table, score="worst")
     section.verdict, section.ranked = verdict, ranked
     cond_name = CONDITION_NAMES.get(" / ".join(conditions), " × ".join(conditions))
@@ -166,7 +90,7 @@ def robustness_section(stage: Stage, design: Mapping[str, Any], out: Path, *, n_
         section.lines += ["", note]
         section.headline += [note]
     # cells
-    cells = cell_table(frame, by=["combination", *conditions], n_resamples=n_resamples, seed=seed)
+    cells = cell_table(frame, by=["combination", *conditions], value="final", n_resamples=n_resamples, seed=seed)
     section.cells = cells
     cell_rows = cells.to_dict("records")
     columns = [("combination", header), *[(c, c) for c in conditions], ("seeds", "seeds"), ("mean", "mean"),
@@ -182,7 +106,7 @@ def robustness_section(stage: Stage, design: Mapping[str, Any], out: Path, *, n_
         section.lines.append(md_table(na_rows, [*[(k, k) for k in cell_keys], ("reason", "reason")]))
     order = list(ranked["combination"])
     for c in conditions:
-        per = cell_table(frame, by=["combination", c], n_resamples=200, seed=seed)
+        per = cell_table(frame, by=["combination", c], value="final", n_resamples=200, seed=seed)
         pooled = [x for x in conditions if x != c]
         note = f" (pooled over {', '.join(pooled)} and seeds)" if pooled else " (mean over seeds)"
         na = {pair for pair in na_pairs if not pooled or _fully_refused(pair, c, refused, key, labels, values, pooled)}
@@ -196,9 +120,10 @@ def robustness_section(stage: Stage, design: Mapping[str, Any], out: Path, *, n_
     section.plots.append(plot)
     section.lines += ["", f"![robustness bars]({plot.name})"]
     frame_all = runs.assign(**{header: runs["combination"]})
-    return _close_stage(section, stage, frame_all, [header, *conditions, *ASPECTS], f"stage {stage.name}",
-                        "every run trained the full budget, so this is the ranking ASHA would have used at the "
-                        "grace period against the ranking at the end", out, metric, n_resamples, seed)
+    return close_stage(section, stage, frame_all, [header, *conditions, *ASPECTS], f"stage {stage.name}, each "
+                       "run's value at its last epoch", "every run trained the full budget, so this is the ranking "
+                       "ASHA would have used at the grace period against the ranking at the end", out, metric,
+                       design.get("mode", "max"), "final", n_resamples, seed)
 
 
 def _product(lists: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
@@ -214,36 +139,3 @@ def _fully_refused(pair: tuple[str, str], condition: str, refused: Sequence[Mapp
                if str((labels or {}).get(str(item["cell"].get(key)), item["cell"].get(key))) == name
                and str(item["cell"].get(condition)) == value}
     return len(blocked) >= len(_product([values[p] for p in pooled]))
-
-
-def search_section(stage: Stage, design: Mapping[str, Any], out: Path, *, n_resamples: int, seed: int,
-                   top: int = 15) -> Section:
-    """A searched stage: trials ranked by their last value, marginals, early-stopping check on the survivors."""
-    metric = design.get("metric", "knn_acc")
-    section = Section()
-    runs = stage.runs
-    info = stage.info
-    section.lines += ["", f"{len(runs)} trials ({status_counts(runs)}); scheduler {info.get('scheduler', '?')}, "
-                      f"searcher {info.get('searcher', '?')}, budget {info.get('epochs', '?')} epochs, grace period "
-                      f"{info.get('grace_period', '?')}" + (f", one encoder: {info['encoder']}" if info.get("encoder")
-                                                           else "") + "."]
-    if not len(runs):
-        return section
-    shown = _varying(runs, [*ASPECTS, "method", "variant", "lr", "temperature"])
-    ordered = runs.assign(_done=runs["status"].ne("finished"),
-                          _key=-runs["value"].astype(float).fillna(-np.inf)).sort_values(["_done", "_key", "trial_id"])
-    rows = [{"rank": i + 1, **r} for i, r in enumerate(ordered.head(top).to_dict("records"))]
-    for row in rows:  # learning rates and temperatures span decades: significant digits, not decimals
-        for key in ("lr", "temperature"):
-            if isinstance(row.get(key), float) and math.isfinite(row[key]):
-                row[key] = f"{row[key]:.3g}"
-    section.lines += ["", f"Top {len(rows)} trials (finished first, then by the last-epoch value; stopped trials "
-                      "show the value at the epoch the scheduler stopped them):", "",
-                      md_table(rows, [("rank", "rank"), ("trial_id", "trial"), ("status", "status"),
-                                      ("epochs", "epochs"), ("value", f"{metric} (last epoch)"),
-                                      *[(k, k) for k in shown]])]
-    return _close_stage(section, stage, runs, [*ASPECTS, "method"],
-                        f"stage {stage.name}, every trial at its last epoch; the sampler chose which values ran how "
-                        "often", "trials that ran past the grace period, i.e. those the scheduler kept - a check "
-                        "biased towards agreement, since the pruned ones never show their final value",
-                        out, metric, n_resamples, seed)

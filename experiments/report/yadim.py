@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.common import ASPECTS
-from experiments.report.mlflow_io import Loaded, Stage
-from experiments.report.sections import Section
-from experiments.report.tables import ci, fmt, md_table
+from search.report.mlflow_io import Loaded, Stage
+from search.report.sections import Section
+from search.report.tables import ci, fmt, md_table
 
 
 def winner_vs_yadim(loaded: Loaded, section: Section, stage: Stage) -> list[str]:
@@ -25,7 +25,7 @@ def winner_vs_yadim(loaded: Loaded, section: Section, stage: Stage) -> list[str]
     leader = verdict.winner or verdict.ranked[0]
     runs = stage.runs.assign(combination=stage.runs["variant"].astype(str).map(lambda v: labels.get(v, v)))
     mine = runs[runs["combination"] == leader]
-    finite = mine[np.isfinite(mine["value"].astype(float))]
+    finite = mine[np.isfinite(mine["final"].astype(float))]
     lines = ["", "## The rediscovered combination next to YADIM", ""]
     if verdict.winner:
         lines.append(f"Winner by worst case over encoder × extraction: **{leader}** ({verdict.reason}).")
@@ -39,13 +39,14 @@ def winner_vs_yadim(loaded: Loaded, section: Section, stage: Stage) -> list[str]
         chosen[aspect] = (", ".join(values) or "?", "its own (fixed for the combination)")
     for aspect in ("encoder", "extract"):
         if len(finite) and aspect in finite:
-            means = finite.groupby(finite[aspect].astype(str))["value"].mean().sort_values(ascending=False)
-            best = means.index[0]
-            how = f"best of {len(means)} evaluated (mean {means.iloc[0]:.4f} over seeds and the other condition)"
+            means = finite.groupby(finite[aspect].astype(str))["final"].mean().sort_values(ascending=False)
+            top = means.index[0]
+            how = (f"highest mean final value of {len(means)} evaluated ({means.iloc[0]:.4f} over seeds and the other "
+                   "condition)")
             evaluated = [str(v) for v in design.get("encoders" if aspect == "encoder" else "extractions", [])]
             if published.get(aspect) and evaluated and published[aspect] not in evaluated:
                 how += f"; {published[aspect]} was not evaluated at this scale"
-            chosen[aspect] = (best, how)
+            chosen[aspect] = (top, how)
         else:
             chosen[aspect] = ("?", "no finished run")
     rows = []

@@ -12,16 +12,16 @@ from typing import Any
 
 import numpy as np
 
-METRIC_LABELS = {
-    "knn_acc": "kNN accuracy (fraction)",
-    "probe_acc": "online linear-probe accuracy (fraction)",
-    "ssl_loss": "SSL loss (nats)",
-}
+from csl.metrics import METRICS
 
 
 def metric_label(metric: str) -> str:
-    """The metric's name with its unit, for axis labels and prose; an unknown metric as it is."""
-    return METRIC_LABELS.get(metric, metric)
+    """The metric's name with its unit (the last parenthesis of its description in ``csl.metrics``), for axis
+    labels and prose, e.g. ``knn_acc (fraction)``; an unknown metric as it is."""
+    known = METRICS.get(metric)
+    if known is None or not known.description.endswith(")"):
+        return metric
+    return f"{metric} ({known.description.rsplit('(', 1)[1]}"
 
 
 def fmt(value: Any, digits: int = 4) -> str:
