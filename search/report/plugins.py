@@ -28,5 +28,5 @@ def reporter_for(run: Any, reporters: Mapping[str, Any]) -> Callable[..., Any] |
     """The reporter of the first tag of ``reporters`` that ``run`` carries (an entry point is loaded), else None."""
     for tag, reporter in reporters.items():
         if tag in run.data.tags:
-            return reporter.load() if isinstance(reporter, metadata.EntryPoint) else reporter
+            return reporter.load() if hasattr(reporter, "load") else reporter  # an entry point, or a callable
     return None
