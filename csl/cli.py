@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from csl.config import TRAINER_DEFAULTS
 from csl.errors import one_line
@@ -141,11 +141,18 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option or value is one line and exit 2 (argparse prints its whole usage first); --help keeps it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="csl", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="csl", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sub.add_parser("list", help="every registered choice of every aspect, and every preset", parents=[common])
     train = sub.add_parser("train", help="train one configuration; any option as --name value", parents=[common],
                            epilog="e.g. csl train --method simclr --encoder resnet18 --width 0.25 --epochs 5")

@@ -74,10 +74,12 @@ class _SpaceSearcher(Searcher):
         return self._propose(trial_id)
 
     def _propose(self, trial_id: str) -> dict[str, Any] | str | None:
+        """A new config for ``trial_id`` (abstract: each searcher below proposes in its own way)."""
         raise NotImplementedError
 
     def _replay(self, trial_id: str, config: dict[str, Any]) -> None:
-        """Move the searcher's state on as if it had just proposed ``config`` for ``trial_id``."""
+        """Move the searcher's state on as if it had just proposed ``config`` for ``trial_id`` (abstract: every
+        searcher below overrides it)."""
         raise NotImplementedError
 
     def _allowed(self, params: dict[str, Any]) -> dict[str, Any] | None:
