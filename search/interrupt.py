@@ -44,6 +44,7 @@ class Interrupt:
     def __init__(self) -> None:
         self.received: list[int] = []
         self._in_fit = False
+        self._catching = False
 
     @property
     def requested(self) -> bool:
@@ -73,9 +74,11 @@ class Interrupt:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
+        self._catching = True
         try:
             yield self
         finally:
+            self._catching = False
             tune_log.removeFilter(hint)
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
@@ -83,6 +86,13 @@ class Interrupt:
                 os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
             else:
                 os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
+
+    def reclaim(self) -> None:
+        """Own SIGINT and SIGTERM again: ``ray.init`` installs its own SIGTERM handler (``sys.exit``), which would
+        end a search without recording its running trials as interrupted. Called after Ray starts and before fit."""
+        if self._catching and threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                signal.signal(sig, self._handle)
 
     @contextmanager
     def fitting(self) -> Iterator[None]:
@@ -95,6 +105,7 @@ class Interrupt:
         main = threading.current_thread() is threading.main_thread()
         if usr1 is not None and main:
             signal.signal(usr1, signal.SIG_DFL)
+        self.reclaim()
         self._in_fit = True
         try:
             yield

@@ -292,6 +292,7 @@ def run_search(space: Any, options: SearchOptions, *, command: str | None = None
     interrupt = Interrupt()
     with interrupt.catching():
         started_ray = init_ray(options.address, options.num_cpus)
+        interrupt.reclaim()
         parent_run_id = None
         try:
             if started_ray and not options.address:
@@ -442,6 +443,7 @@ def resume_search(
         storage.write_text(ended_file, ended_lines(ended_results(runs)))
         address, num_cpus = address or state.get("address"), num_cpus or state.get("num_cpus")
         started_ray = init_ray(address, num_cpus, env={ENDED_ENV: ended_file})
+        interrupt.reclaim()
         try:
             ledger = Ledger(path)
             searcher = _searcher(state, space, ledger)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, search_env
 from tests.helpers import tiny
 
 SPACE = """\
@@ -202,6 +202,7 @@ def test_a_checkpoint_the_snapshot_names_but_tune_deleted_is_given_back(tmp_path
 def test_signals_raise_outside_fit_and_stop_tune_gracefully_inside(tmp_path: Path) -> None:
     from search.interrupt import Interrupt
 
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     interrupt = Interrupt()
     with interrupt.catching():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -209,7 +210,7 @@ def test_signals_raise_outside_fit_and_stop_tune_gracefully_inside(tmp_path: Pat
                 os.kill(os.getpid(), sig)
                 time.sleep(1)
     assert interrupt.received == [signal.SIGINT, signal.SIGTERM]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # given back as they were
 
     graceful: list[int] = []
     interrupt = Interrupt()
@@ -221,6 +222,32 @@ def test_signals_raise_outside_fit_and_stop_tune_gracefully_inside(tmp_path: Pat
         with pytest.raises(KeyboardInterrupt):  # the second one does not wait
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
+
+
+def test_sigterm_after_ray_starts_is_still_the_searchs(tmp_path: Path) -> None:
+    """``ray.init`` installs its own SIGTERM handler (``sys.exit(15)``): a search takes the signal back, so ``kill``
+    of a driver records its trials as interrupted instead of exiting mid-write."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from search.interrupt import Interrupt
+        from search.local_ray import init_ray
+        interrupt = Interrupt()
+        with interrupt.catching():
+            init_ray(None, 1)
+            print("ray's handler", signal.getsignal(signal.SIGTERM) != interrupt._handle, flush=True)
+            interrupt.reclaim()
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+                print("not interrupted")
+            except KeyboardInterrupt:
+                print("interrupted", interrupt.signal_name(), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=search_env(), capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["ray's handler True", "interrupted SIGTERM"], out.stdout
 
 
 def test_the_reaper_kills_what_a_sigkilled_driver_leaves(tmp_path: Path) -> None:

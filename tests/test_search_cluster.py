@@ -30,13 +30,7 @@ params:
 """
 
 
-def test_search_spreads_trials_over_both_nodes(
-    ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import ray
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the cluster was started
-
+def test_search_spreads_trials_over_both_nodes(ray_cluster: str, tmp_path: Path) -> None:
     # Two trials in flight (--max-concurrent 2; without it Tune keeps one pending at a time for a custom searcher),
     # each long enough (256 images, 2 epochs) that the worker node's first actor has started before the head's
     # reused actor could take every trial: sub-second trials all ran on the head under load.
@@ -51,11 +45,14 @@ def test_search_spreads_trials_over_both_nodes(
     rows = pq.read_table(tmp_path / "cluster" / "results.parquet").to_pylist()
     assert len(rows) == 4 and {r["status"] for r in rows} == {"finished"}
 
-    ray.init(address=ray_cluster, log_to_driver=False)
-    try:
-        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
+    # Asked from a child process: Ray caches its auth mode in the process that first inits, and an in-process
+    # client with auth disabled makes a later local instance of this test session (token auth) fail to start.
+    code = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); " \
+           "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))"
+    listed = subprocess.run([sys.executable, "-c", code, ray_cluster], env=search_env(RAY_AUTH_MODE="disabled"),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    nodes = set(listed.stdout.split())
     assert len(nodes) == 2
     used = {r["node_id"] for r in rows}
     assert used == nodes, (used, nodes)  # every trial ran on a node of the cluster, and both nodes ran trials
