@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from csl.distributed import gather_embeddings
 from csl.loss import Loss
 from csl.registry import AUGMENT, ENCODER, EXTRACT, LOSS, SIMILARITY, ChoiceError
 from csl.similarity import Similarity
@@ -182,6 +183,9 @@ class CSLModel(nn.Module):
         split = getattr(encoder, "bn_splits", 1) > 1  # declared by encoders whose batch norm can be split
         self.key_shuffle = KeyShuffle(seed) if use_target and split else None
         self.queue = NegativeQueue(loss.queue_size, seed=seed) if loss.queue_size else None
+        # Several workers: the embeddings of every worker's shard are gathered (with gradients) before the pairs
+        # are built, so the loss is the global batch's on every worker (csl.distributed).
+        self.gather_workers = False
 
     def _target_features(self, view: Tensor) -> Features:
         assert self.target is not None
@@ -216,6 +220,9 @@ class CSLModel(nn.Module):
                     t = self.target["extract"].embed(keys)
                     target_a = {k: v[:n] for k, v in t.items()}
                     target_b = {k: v[n:] for k, v in t.items()}
+        if self.gather_workers:
+            online_a, online_b = gather_embeddings(online_a), gather_embeddings(online_b)
+            target_a, target_b = gather_embeddings(target_a), gather_embeddings(target_b)
         total = vectors_a.new_zeros(())
         all_pairs = self.extract.pairs(online_a, online_b, target_a, target_b)
         for pairs in all_pairs:
