@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from csl.data.folder import LABEL_MODES
+from csl.distributed import LR_SCALING, SYNC_BN
 from csl.extract.heads import HEADS
 from csl.registry import ASPECTS, ChoiceError
 
@@ -56,13 +57,21 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "probe_lr": 1e-3,
     "eval_every": 1,
     "diverge_factor": 1000.0,  # an epoch loss above this × the first step's is diverged (csl.train); 0: NaN/inf only
+    # Several workers per run (csl.distributed; a search trains such a trial with Ray Train): batch_size is the
+    # global batch, each worker trains on an equal shard of it. sync_bn: batch norm over the global batch
+    # (auto: on, except for split batch norm, MoCo's per-worker statistics). lr_scaling: lr × B/ref (linear) or
+    # × √(B/ref) (sqrt) for the global batch B, ref = lr_reference_batch; none: lr as given.
+    "workers_per_trial": 1,
+    "sync_bn": "auto",
+    "lr_scaling": "none",
+    "lr_reference_batch": 256,
 }
 
 
 # Options whose values are names, with the allowed ones, checked by resolve so that a space file naming a wrong one
 # fails when it is loaded (csl.model.encode_views says what the two views options do; csl.extract.heads the heads).
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS,
-                                              "labels": LABEL_MODES}
+                                              "labels": LABEL_MODES, "sync_bn": SYNC_BN, "lr_scaling": LR_SCALING}
 
 
 MAX_EPOCHS = 100_000
@@ -78,6 +87,8 @@ OPTION_BOUNDS: dict[str, tuple[int, int | None]] = {
     "eval_every": (1, None),
     "warmup_epochs": (0, None),
     "knn_k": (1, None),
+    "workers_per_trial": (1, None),
+    "lr_reference_batch": (1, None),
 }
 
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 LR_SCALING = ("none", "linear", "sqrt")
+SYNC_BN = ("auto", "on", "off")
 
 
 def world() -> tuple[int, int]:
@@ -175,15 +176,22 @@ def _convert(module: nn.Module, make: Any) -> nn.Module:
     return module
 
 
-def data_parallel(model: nn.Module, device: torch.device, *, global_bn: bool) -> nn.Module:
-    """``model`` (a ``csl.model.CSLModel``) ready to train as one worker of several: batch norm over the global
-    batch where ``global_bn``, embeddings gathered before the loss, gradients averaged by DDP. Returns the DDP
-    wrapper to call for the loss; the model itself stays reachable as ``.module`` (its target, queue, encoder)."""
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` (a ``csl.model.CSLModel``) ready to train as one worker of several: embeddings gathered before the
+    loss, gradients averaged by DDP. Returns the DDP wrapper to call for the loss; the model itself stays reachable
+    as ``.module`` (its target, queue, encoder). Convert batch norm (``global_batchnorm``) before the optimiser is
+    built: conversion makes new parameters."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if global_bn:
-        global_batchnorm(model, device)
     model.gather_workers = True
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def wants_global_bn(setting: str, model: nn.Module) -> bool:
+    """sync_bn's meaning: on, off, or auto = on unless the encoder splits its batch norm (MoCo's shuffle-BN wants
+    per-worker statistics, as the reference's per-GPU layers)."""
+    if setting == "auto":
+        return getattr(getattr(model, "encoder", None), "bn_splits", 1) <= 1
+    return setting == "on"

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from csl import data as datasets
 from csl.config import resolve
+from csl.distributed import data_parallel, gather, global_batchnorm, scaled_lr, shard, wants_global_bn, world
 from csl.evaluate import extract_features, knn_accuracy, label_free_features, probe_accuracy
 from csl.label_free import label_free_metrics
 from csl.metrics import METRICS, unmeasured
@@ -33,6 +34,7 @@ from csl.optim import build_optimizer, lr_factor
 
 EpochCallback = Callable[[int, dict[str, float], Callable[[str | Path], None]], None]
 CHECKPOINT_FILE = "state.pt"
+AUGMENT_SEED_STRIDE = 1_000_003  # worker r of several draws its views from seed + stride·(r + 1)
 LABEL_FREE_SEED = 0
 """Seed of the held-out images' choice and of their augmented views: fixed, not the run's ``seed``, so that every
 trial of a search is measured on the same images and views."""
@@ -182,10 +184,17 @@ class Run:
         cfg = self.config
         torch.manual_seed(cfg["seed"])
         self.device = pick_device(cfg["device"])
+        # Several workers (csl.distributed): each trains on its shard of every global batch, with views drawn by its
+        # own generator; the batch order comes from the run's generator, the same on every worker.
+        self.rank, self.workers = world()
+        self.shard = shard(cfg["batch_size"], self.rank, self.workers) if self.workers > 1 else None
         train_data, test_data = data if data is not None else load_data(cfg)
         self._set_data(train_data, test_data)
         mean, std = self.train_data.mean_std()
-        self.pipeline, self.model = build_model(cfg, image_size=image_size(self.train_data), mean=mean, std=std)
+        self.pipeline, self.model = build_model(self._per_worker(cfg), image_size=image_size(self.train_data),
+                                                mean=mean, std=std)
+        if self.workers > 1 and wants_global_bn(cfg["sync_bn"], self.model):
+            global_batchnorm(self.model, self.device)  # before the optimiser: it makes new parameters
         self.on_cuda = self.device.type == "cuda"
         self.autocast = uses_bf16(cfg, self.device)
         # channels_last pays on the CPU too (oneDNN's NHWC convolutions: 1.5x per step measured here at width 1/4).
@@ -204,12 +213,18 @@ class Run:
                                          sgd_momentum=cfg["sgd_momentum"], fused=self.on_cuda,
                                          adam_betas=(cfg["adam_beta1"], cfg["adam_beta2"]), adam_eps=cfg["adam_eps"])
         self.generator = torch.Generator(device=self.device).manual_seed(cfg["seed"])
+        self.augment_generator = self.generator
+        if self.workers > 1:
+            self.augment_generator = torch.Generator(device=self.device).manual_seed(cfg["seed"] + AUGMENT_SEED_STRIDE
+                                                                                     * (self.rank + 1))
         self.steps_per_epoch = len(self.train_data) // cfg["batch_size"]
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
         self.warmup_steps = min(cfg["warmup_epochs"], cfg["epochs"]) * self.steps_per_epoch
         self.epoch = 0
         self.step = 0
-        self.forward = torch.compile(self.model) if cfg["compile"] else self.model
+        self.forward = data_parallel(self.model, self.device) if self.workers > 1 else self.model
+        if cfg["compile"]:
+            self.forward = torch.compile(self.forward)
         if cfg["compile"]:
             self.pipeline.compile(self.device)
         self.last_eval: dict[str, float] = {}
@@ -251,15 +266,30 @@ class Run:
             reasons = "; ".join(f"{', '.join(metrics)} ({why})" for why, metrics in by_reason.items())
             print(f"csl: not measured in this run: {reasons}", file=sys.stderr, flush=True)
 
+    def _per_worker(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The config a worker builds its model from: split batch norm keeps its sub-batch size (MoCo's per-GPU
+        batch norm), so each of W workers splits its shard into bn_splits / W parts."""
+        splits = int(cfg.get("bn_splits") or 1)
+        if self.workers == 1 or splits == 1:
+            return dict(cfg)
+        if splits % self.workers:
+            raise ValueError(f"bn_splits {splits} must be divisible by the {self.workers} workers of a run: each "
+                             "worker normalises over its share of the sub-batches")
+        return {**cfg, "bn_splits": splits // self.workers, "batch_size": cfg["batch_size"] // self.workers}
+
     def _set_lr(self) -> None:
         factor = lr_factor(self.step, self.total_steps, self.warmup_steps)
+        cfg = self.config
+        base = scaled_lr(cfg["lr"], cfg["batch_size"], cfg["lr_scaling"], cfg["lr_reference_batch"])
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config["lr"] * factor
+            group["lr"] = base * factor
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimisation step; returns the loss as a device tensor (no host synchronisation)."""
         self._set_lr()
-        view_a, view_b = self.pipeline(images, self.generator)
+        if self.shard is not None:
+            images, labels = images[self.shard], labels[self.shard]
+        view_a, view_b = self.pipeline(images, self.augment_generator)
         if self.channels_last and view_a.dim() == 4:
             view_a = view_a.contiguous(memory_format=torch.channels_last)
             view_b = view_b.contiguous(memory_format=torch.channels_last)
@@ -273,7 +303,9 @@ class Run:
         if self.probe is not None and self.probe_optimizer is not None:
             # Unlabelled images (label −1, STL-10's unlabeled split) are ignored by masking, not by indexing,
             # which would synchronise with the host.
-            per_image = F.cross_entropy(self.probe(vectors.detach().float()), labels, ignore_index=-1, reduction="none")
+            vectors = gather(vectors.detach())  # every worker trains the same probe on the global batch
+            labels = gather(labels)
+            per_image = F.cross_entropy(self.probe(vectors.float()), labels, ignore_index=-1, reduction="none")
             probe_loss = per_image.sum() / (labels >= 0).sum().clamp(min=1)
             self.probe_optimizer.zero_grad(set_to_none=True)
             probe_loss.backward()
@@ -309,8 +341,12 @@ class Run:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        """Every metric this run measures (``csl.metrics``); those in ``unmeasured`` are absent, never faked."""
+        """Every metric this run measures (``csl.metrics``); those in ``unmeasured`` are absent, never faked.
+
+        Of several workers the first evaluates, over the whole evaluation set; the others measure nothing."""
         metrics: dict[str, float] = {}
+        if self.rank > 0:
+            return metrics
         if self.test_data is not None:
             metrics.update(self.evaluate_labels())
         if self.label_free_data is not None:
@@ -345,6 +381,7 @@ class Run:
             "probe": self.probe.state_dict() if self.probe is not None else None,
             "probe_optimizer": self.probe_optimizer.state_dict() if self.probe_optimizer is not None else None,
             "generator": self.generator.get_state(),
+            "augment_generators": self._augment_states(),
             "torch_rng": torch.get_rng_state(),
             # the device's default generator: what draws without the run's generator use (AMDIM's anchor picks)
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.on_cuda else None,
@@ -364,6 +401,9 @@ class Run:
         # RNG states are CPU byte tensors; torch.load(map_location=cuda) moves them to the GPU, where set_state
         # refuses them
         self.generator.set_state(state["generator"].cpu())
+        views = state.get("augment_generators")  # one per worker; absent from checkpoints made before workers
+        if self.workers > 1 and views is not None and len(views) == self.workers:
+            self.augment_generator.set_state(views[self.rank].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())
         if self.on_cuda and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
@@ -372,14 +412,24 @@ class Run:
         self.last_eval = dict(state["last_eval"])
         self.initial_loss = state.get("initial_loss")  # absent from checkpoints made before it was kept
 
+    def _augment_states(self) -> list[Tensor] | None:
+        """Every worker's view generator state (a collective: every worker calls it), None for one worker."""
+        if self.workers == 1:
+            return None
+        states: list[Any] = [None] * self.workers
+        torch.distributed.all_gather_object(states, self.augment_generator.get_state())
+        return states
+
     def save(self, directory: str | Path) -> Path:
         """Write the state beside the checkpoint, then rename it over: a kill or Ctrl-C while it is written
-        leaves the last epoch's checkpoint whole."""
+        leaves the last epoch's checkpoint whole. Of several workers every one calls it and the first writes."""
+        state = self.state_dict()
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        partial = path / f".{CHECKPOINT_FILE}.partial"
-        torch.save(self.state_dict(), partial)
-        partial.replace(path / CHECKPOINT_FILE)
+        if self.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            partial = path / f".{CHECKPOINT_FILE}.partial"
+            torch.save(state, partial)
+            partial.replace(path / CHECKPOINT_FILE)
         return path / CHECKPOINT_FILE
 
     def load(self, directory: str | Path) -> None:

@@ -56,7 +56,7 @@ def _grads(model: Any) -> dict[str, torch.Tensor]:
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from csl.distributed import data_parallel, shard
+    from csl.distributed import data_parallel, global_batchnorm, shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORKERS)
@@ -65,14 +65,17 @@ def _worker(rank: int, port: int, out: str) -> None:
         found: dict[str, Any] = {}
         for method in EQUAL:
             pipeline, model = _model(method)
-            ddp = data_parallel(model, torch.device("cpu"), global_bn=True)
+            global_batchnorm(model, torch.device("cpu"))
+            ddp = data_parallel(model, torch.device("cpu"))
             view_a, view_b = _views(pipeline, 0)
             loss, _ = ddp(view_a[rows], view_b[rows])
             loss.backward()
             found[method] = {"loss": loss.detach(), "grads": _grads(model)}
         for method in TARGETS:
             pipeline, model = _model(method)
-            ddp = data_parallel(model, torch.device("cpu"), global_bn=method != "moco_v2")
+            if method != "moco_v2":
+                global_batchnorm(model, torch.device("cpu"))
+            ddp = data_parallel(model, torch.device("cpu"))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
             for step in range(3):
                 view_a, view_b = _views(pipeline, step)
@@ -85,9 +88,34 @@ def _worker(rank: int, port: int, out: str) -> None:
             found[f"{method} target buffers"] = {k: v.detach().clone() for k, v in model.target.named_buffers()}
             if model.queue is not None:
                 found[f"{method} queue"] = {k: v.clone() for k, v in model.queue.rings.items()}
+        found["train"] = _train_two_epochs_then_resume(rank, Path(out))
         torch.save(found, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _train_two_epochs_then_resume(rank: int, out: Path) -> dict[str, Any]:
+    """csl.train on two workers: 2 epochs with a checkpoint (the first worker writes it), then one more from it."""
+    import torch.distributed as dist
+
+    from csl.train import Run, train
+
+    config = tiny(method="simclr", train_limit=64, test_limit=32, batch_size=GLOBAL_BATCH, epochs=2)
+    saved: list[int] = []
+
+    def keep(epoch: int, metrics: dict[str, float], save: Any) -> None:
+        save(out / "ckpt")
+        saved.append(epoch)
+
+    first = train(config, callback=keep)
+    resumed = train({**config, "epochs": 3}, resume_from=out / "ckpt")
+    run = Run(config)
+    run.load(out / "ckpt")
+    digest = torch.cat([p.detach().flatten() for p in run.model.parameters()])
+    digests = [torch.empty_like(digest) for _ in range(WORKERS)]
+    dist.all_gather(digests, digest)
+    return {"first": first, "resumed": resumed, "saved": saved, "same_params": torch.equal(digests[0], digests[1]),
+            "files": sorted(p.name for p in (out / "ckpt").iterdir())}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +175,13 @@ def test_momentum_targets_and_queues_stay_equal_on_every_worker(workers: list[di
     if f"{method} queue" in workers[0]:
         for name, ring in workers[0][f"{method} queue"].items():
             assert torch.equal(ring, workers[1][f"{method} queue"][name])
+
+
+def test_csl_train_on_two_workers_checkpoints_once_and_resumes(workers: list[dict[str, Any]]) -> None:
+    first, second = (w["train"] for w in workers)
+    assert first["saved"] == second["saved"] == [1, 2]
+    assert first["files"] == ["state.pt"]  # written by the first worker alone, whole
+    assert first["same_params"] and second["same_params"]
+    assert first["first"]["ssl_loss"] == second["first"]["ssl_loss"]  # the global batch's loss on both
+    assert "knn_acc" in first["first"] and "knn_acc" not in second["first"]  # the first worker evaluates
+    assert first["resumed"]["epoch"] == 3 and second["resumed"]["epoch"] == 3
