@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--searcher", choices=SEARCHERS, default="optuna", help="config proposer (default: optuna)")
     run.add_argument("--num-samples", type=int, help="trials to run (default: whole grid / budget / 8)")
     run.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
-    run.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial holds (default: 1)")
+    run.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial holds (default: 1); of a "
+                     "trial of several workers, each worker's")
+    run.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial, each on its "
+                     "shard of the global batch (default: the space's fixed.workers_per_trial, else 1)")
     run.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions allowed (0.25)")
     run.add_argument("--storage", default=DEFAULT_STORAGE, help="folder or URI (s3://, gs://, file://) for results")
     run.add_argument("--name", help="experiment folder name (default: <space>-<date>-<time>)")
@@ -102,7 +105,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     space = load_space(args.space)
     for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent),
-                        ("--num-cpus", args.num_cpus)):  # fmt: skip
+                        ("--num-cpus", args.num_cpus), ("--workers-per-trial", args.workers_per_trial)):  # fmt: skip
         if value is not None and value < 1:
             return _error(f"{flag}: must be at least 1, got {value}; allowed: an int >= 1", 2)
     if args.max_failures < 0:
@@ -125,6 +128,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         num_cpus=args.num_cpus,
         seed=args.seed,
         max_failures=args.max_failures,
+        workers_per_trial=args.workers_per_trial,
         mlflow_uri=args.mlflow_uri,
         experiment=args.experiment,
         verbose=0 if args.quiet else 1,

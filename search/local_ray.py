@@ -87,7 +87,11 @@ def init_ray(
     if ray.is_initialized():
         return False
     # Workers import search.trainable and csl by name: make this checkout importable wherever they start.
-    runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath(), **(env or {})}}
+    # Ray Train's workers of a trial (search.train_trial) start as new processes that import torch: 60 s, Train's
+    # default wait for them, is too short on a busy 2-core machine.
+    train_wait = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                                                                           "600")}
+    runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath(), **train_wait, **(env or {})}}
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return True

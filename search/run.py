@@ -62,6 +62,7 @@ class SearchOptions:
     num_cpus: int | None = None  # size of a local Ray instance (default: all cores)
     seed: int = 0
     max_failures: int = 2
+    workers_per_trial: int | None = None  # Ray Train workers per trial (search.train_trial); default the space's
     mlflow_uri: str | None = None
     experiment: str | None = None
     verbose: int = 1
@@ -136,12 +137,28 @@ def _check_fits(resources: Mapping[str, float]) -> None:
     import ray
 
     have = ray.cluster_resources()
+    workers = resources.get("workers", 1)
     for key, name in (("cpu", "CPU"), ("gpu", "GPU")):
-        if resources.get(key, 0) > have.get(name, 0):
+        if resources.get(key, 0) * workers > have.get(name, 0):
             raise ValueError(
-                f"a trial asks for {resources[key]:g} {name}s but this machine's Ray instance has "
+                f"a trial asks for {resources[key] * workers:g} {name}s but this machine's Ray instance has "
                 f"{have.get(name, 0):g}; lower --{key}s-per-trial or connect to a cluster with --address"
             )
+
+
+def _capped(max_concurrent: int | None, resources: Mapping[str, float]) -> int | None:
+    """Trials of several workers at once only as far as all their workers fit: Tune would start more (their
+    drivers need next to nothing) and half-placed TorchTrainers would wait on each other for ever."""
+    workers = resources.get("workers", 1)
+    if workers == 1:
+        return max_concurrent
+    import ray
+
+    have = ray.cluster_resources()
+    fits = [int(have.get(name, 0) // (resources[key] * workers)) for key, name in (("cpu", "CPU"), ("gpu", "GPU"))
+            if resources.get(key)]  # fmt: skip
+    limit = max(1, min(fits)) if fits else 1
+    return min(int(max_concurrent), limit) if max_concurrent else limit
 
 
 def trial_dirname(trial: Any) -> str:
@@ -150,11 +167,28 @@ def trial_dirname(trial: Any) -> str:
 
 
 def _trainable(resources: Mapping[str, float]) -> Any:
+    """The trial function with its resources. A trial of several Train workers (search.train_trial) reserves
+    nothing itself: its TorchTrainer places the workers, each with the CPUs and GPUs of ``--*-per-trial``."""
     from ray import tune
 
     from search.trainable import csl_trial
 
-    return tune.with_resources(csl_trial, dict(resources))
+    workers = int(resources.get("workers", 1))
+    if workers == 1:
+        return tune.with_resources(csl_trial, {k: v for k, v in resources.items() if k != "workers"})
+    per_worker = {"CPU": float(resources.get("cpu", 1.0)), "GPU": float(resources.get("gpu", 0.0))}
+    # Tune refuses an empty request and any CPU share would keep a worker off the driver's node: a trial asks for
+    # a token of memory (1 MiB), which every node has.
+    driver = tune.PlacementGroupFactory([{"memory": float(2**20)}])
+    return tune.with_resources(tune.with_parameters(csl_trial, worker_resources=per_worker), driver)
+
+
+def workers_per_trial(space: Any, workers: int | None) -> int:
+    """The Train workers of every trial: ``--workers-per-trial`` (written into the space's fixed keys, so every
+    trial's config and MLflow params say it), else the space's ``fixed.workers_per_trial``, else 1."""
+    if workers:
+        space.fixed["workers_per_trial"] = int(workers)
+    return int(space.fixed.get("workers_per_trial") or 1)
 
 
 def _run_config(state: Mapping[str, Any], callbacks: list[Any], verbose: int) -> Any:
@@ -217,7 +251,9 @@ def _tuner(state: Mapping[str, Any], space: Any, searcher: Any, callbacks: list[
             scheduler=build_scheduler(options["scheduler"], space, int(state["max_epochs"]), int(options["seed"])),
             num_samples=int(state["num_samples"]),
             time_budget_s=space.budget.get("time_budget_s"),
-            reuse_actors=True,  # one worker per slot imports torch once (stack.md)
+            # one worker per slot imports torch once (stack.md); a trial of several workers starts new Train
+            # workers anyway, and Tune cannot reset its with_parameters wrapper for another trial
+            reuse_actors=int(state["resources"].get("workers", 1)) == 1,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=_run_config(state, callbacks, int(options.get("verbose", 1))),
@@ -288,6 +324,13 @@ def run_search(space: Any, options: SearchOptions, *, command: str | None = None
     resources = {"cpu": float(options.cpus_per_trial)}
     if options.gpus_per_trial:
         resources["gpu"] = float(options.gpus_per_trial)
+    workers = workers_per_trial(space, options.workers_per_trial)
+    if workers > 1:
+        if options.scheduler == "pbt":
+            raise ValueError(f"--scheduler pbt cannot run trials of {workers} workers: PBT clones a trial from its "
+                             "Tune checkpoint, and Ray Train hands Tune metrics only; allowed with workers_per_trial "
+                             "> 1: asha, hyperband, fifo")
+        resources["workers"] = float(workers)
 
     interrupt = Interrupt()
     with interrupt.catching():
@@ -332,7 +375,7 @@ def run_search(space: Any, options: SearchOptions, *, command: str | None = None
                 "space_file": SPACE_COPY.format(Path(str(space.path)).name),
                 "options": asdict(options),
                 "num_samples": num_samples,
-                "max_concurrent": options.max_concurrent or budget.get("max_concurrent_trials"),
+                "max_concurrent": _capped(options.max_concurrent or budget.get("max_concurrent_trials"), resources),
                 "command": command,
             }
             storage.write_text(storage.join(experiment_path, state["space_file"]), space.text)
@@ -442,6 +485,7 @@ def resume_search(
         runs = trial_runs(client, state["experiment_id"], state["parent_run_id"])
         storage.write_text(ended_file, ended_lines(ended_results(runs)))
         address, num_cpus = address or state.get("address"), num_cpus or state.get("num_cpus")
+        workers_per_trial(space, state["options"].get("workers_per_trial"))
         started_ray = init_ray(address, num_cpus, env={ENDED_ENV: ended_file})
         interrupt.reclaim()
         try:

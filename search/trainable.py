@@ -155,13 +155,20 @@ def _failure(metric_names: set[str], epoch: int, node: Mapping[str, str], **fiel
     return final
 
 
-def csl_trial(config: Mapping[str, Any]) -> None:
-    """Train one config, reporting ``epoch``, the trainer's metrics and a checkpoint after every epoch."""
+def csl_trial(config: Mapping[str, Any], worker_resources: Mapping[str, float] | None = None) -> None:
+    """Train one config, reporting ``epoch``, the trainer's metrics and a checkpoint after every epoch.
+
+    ``worker_resources``: given to a trial of several Ray Train workers (``search.train_trial``), each worker's."""
     from ray import tune
 
     from csl.train import Diverged, train
 
     node = _node(config)
+    if worker_resources is not None:
+        from search.train_trial import multi_worker_trial
+
+        multi_worker_trial(config, node, worker_resources)
+        return
     metric_names: set[str] = set()
     reports = 0
     last_epoch = 0

@@ -59,3 +59,41 @@ def test_search_spreads_trials_over_both_nodes(ray_cluster: str, tmp_path: Path)
     assert len({r["hostname"] for r in rows}) == 1  # one machine: the node id is what tells the nodes apart
     # The search's own Ray instance was the cluster's, not a local one: the default store sits in the storage folder.
     assert (tmp_path / "mlflow.db").exists()
+
+
+WORKERS_SPACE = """\
+name: cluster-workers
+metric: ssl_loss
+mode: min
+budget: {epochs: 2, grace_period: 1}
+fixed: {method: simclr, width: 0.0625, batch_size: 32, train_limit: 128, test_limit: 64, device: cpu,
+        workers_per_trial: 2, proj_dim: 16, proj_hidden: 32}
+params:
+  similarity: {choice: [cosine, dot]}
+"""
+
+
+def test_a_trial_of_two_train_workers_spans_both_nodes_under_asha(ray_cluster: str, tmp_path: Path) -> None:
+    """Each trial is a TorchTrainer of 2 workers (1 CPU each: one per node of the cluster), inside its Tune trial."""
+    from mlflow import MlflowClient
+
+    space = tmp_path / "workers.yaml"
+    space.write_text(WORKERS_SPACE)
+    out = subprocess.run(
+        [sys.executable, "-m", "search", "run", str(space), "--searcher", "grid", "--scheduler", "asha",
+         "--address", ray_cluster, "--storage", str(tmp_path), "--name", "workers", "--quiet"],
+        cwd=REPO, env=search_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=500,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "workers" / "results.parquet").to_pylist()
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"finished", "stopped"}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cluster-workers")
+    kids = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert len(kids) == 2  # one MLflow child per trial, not one per worker
+    for kid in kids:
+        assert kid.data.params["workers_per_trial"] == "2"
+        assert kid.data.metrics["workers"] == 2
+        assert [m.step for m in client.get_metric_history(kid.info.run_id, "ssl_loss")]  # epochs arrived
+    # Train's own checkpoints live in the trial's folder
+    assert list((tmp_path / "workers").glob("*/train/checkpoint_*"))
