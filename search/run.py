@@ -149,26 +149,31 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def _trainable(resources: Mapping[str, float]) -> Any:
+def _trainable(resources: Mapping[str, float], metric: str | None = None, mode: str | None = None) -> Any:
     from ray import tune
 
     from search.trainable import csl_trial
 
-    return tune.with_resources(csl_trial, dict(resources))
+    # metric and mode: each epoch's checkpoint score is computed in the trial (search.trainable)
+    return tune.with_resources(tune.with_parameters(csl_trial, metric=metric, mode=mode), dict(resources))
 
 
 def _run_config(state: Mapping[str, Any], callbacks: list[Any], verbose: int) -> Any:
     from ray import tune
 
-    # Keep the latest checkpoint only (epochs of a big encoder add up), except under PBT, which clones other
-    # trials' checkpoints and wants them kept a little longer (Tune warns below 3).
+    # Keep the best checkpoint by the trial's score (search.trainable: its best epoch by search.best) and, beside
+    # it, Tune always keeps the latest, which a resume continues from: at most two per trial (epochs of a big
+    # encoder add up). PBT clones other trials' checkpoints and wants them kept a little longer (Tune warns below 3).
+    from search.trainable import SCORE
+
     keep = 3 if state["options"]["scheduler"] == "pbt" else 1
     return tune.RunConfig(
         name=state["name"],
         storage_path=state["storage"],
         callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=int(state["max_failures"])),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE,
+                                                checkpoint_score_order="max"),
         verbose=verbose,
     )
 
@@ -208,7 +213,7 @@ def _tuner(state: Mapping[str, Any], space: Any, searcher: Any, callbacks: list[
     again = ResumeConfig.ResumeType.RESUME
     kwargs = {"resume_config": ResumeConfig(unfinished=again, errored=again)} if resume else None
     return tune.Tuner(
-        _trainable(state["resources"]),
+        _trainable(state["resources"], state["metric"], state["mode"]),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=state["metric"],
