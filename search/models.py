@@ -118,9 +118,13 @@ def log_model(tracking_uri: str, run_id: str, embedder: Any, description: dict[s
     example = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)).numpy()
     epoch = description.get("epoch")
     client = MlflowClient(tracking_uri)
+    # Made here in the run's experiment: log_model would put it in the active experiment (Default, with its
+    # artifacts under ./mlruns), where runs:/<run id>/model does not look.
+    model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=MODEL_NAME,
+                                       source_run_id=run_id, model_type="csl-encoder")  # fmt: skip
     with _use_tracking_uri(tracking_uri), torch.no_grad():
         info = mlflow.pytorch.log_model(
-            embedder, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=example,
+            embedder, name=MODEL_NAME, run_id=run_id, model_id=model.model_id, signature=signature, input_example=example,
             serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             metadata={"input": INPUT, "epoch": epoch, "trial_config": description["config"]},
             registered_model_name=register, validate_serving_input=False, await_registration_for=30,
