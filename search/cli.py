@@ -181,7 +181,7 @@ def _export(args: argparse.Namespace) -> int:
     from search.models import export
 
     uri = None
-    if not storage.exists(storage.join(storage.normalise(args.target), "csl_search.json")):
+    if not Path(args.target).exists() and not storage.is_uri(args.target):
         uri = _default_store(args)  # a run: the store it is in
     print(export(args.target, args.out, tracking_uri=uri))
     return 0
