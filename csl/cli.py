@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--method", choices=sorted(PRESETS))
     train.add_argument("--checkpoint", type=Path,
                        help="save the training state here after every epoch, and the best epoch's in CHECKPOINT/best/")
-    train.add_argument("--best-metric", help="metric of the best epoch (default: knn_acc where measured, else ssl_loss)")
+    train.add_argument("--best-metric", help="metric of the best epoch (default: knn_acc if measured, else ssl_loss)")
     train.add_argument("--best-mode", choices=MODES, help="max or min (default: the metric's direction)")
     train.add_argument("--resume", type=Path, help="continue from a checkpoint folder")
     train.add_argument("--linear-epochs", type=int, default=0, help="then run offline linear evaluation")

@@ -12,8 +12,8 @@ Users: ``search.results`` (results.parquet's ``best_*`` columns and the table a 
 the search report (``search.report``), the parent run's ``csl.best_*`` tags and metric (``search.run``), and, for a
 running trial, ``improves`` (the test a kept best checkpoint passes: the trainable's checkpoint score,
 ``search.trainable``, and ``csl train --checkpoint``, which is why the running rule lives in ``csl.best``). The
-robustness studies score a run at its last epoch instead (the model the budget produced, the same epoch for every run): they call that value ``final``, never
-best.
+robustness studies score a run at its last epoch instead (the model the budget produced, the same epoch for every
+run): they call that value ``final``, never best.
 """
 
 from __future__ import annotations

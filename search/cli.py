@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                             parents=[common])  # fmt: skip
     export.add_argument("target", metavar="RUN_OR_DIR", help="experiment folder, or MLflow run id / runs:/<id>")
     export.add_argument("--out", required=True, help="folder to write encoder.pt and config.json into")
-    export.add_argument("--mlflow-uri", help="tracking server or store of a run (default: sqlite:///<storage>/mlflow.db)")
+    export.add_argument("--mlflow-uri", help="store of a run (default: sqlite:///<storage>/mlflow.db)")
     export.add_argument("--storage", default=DEFAULT_STORAGE, help="where the default store lives (default: runs)")
     from search.report.cli import add_arguments as report_arguments
 

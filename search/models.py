@@ -124,8 +124,9 @@ def log_model(tracking_uri: str, run_id: str, embedder: Any, description: dict[s
                                        source_run_id=run_id, model_type="csl-encoder")  # fmt: skip
     with _use_tracking_uri(tracking_uri), torch.no_grad():
         info = mlflow.pytorch.log_model(
-            embedder, name=MODEL_NAME, run_id=run_id, model_id=model.model_id, signature=signature, input_example=example,
-            serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            embedder, name=MODEL_NAME, run_id=run_id, model_id=model.model_id, signature=signature,
+            input_example=example, serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             metadata={"input": INPUT, "epoch": epoch, "trial_config": description["config"]},
             registered_model_name=register, validate_serving_input=False, await_registration_for=30,
         )  # fmt: skip
@@ -255,7 +256,8 @@ def _from_run(client: Any, target: str, out: Path) -> str:
         run = client.get_run(run_id)
     except Exception:  # noqa: BLE001 - any failure: the store does not hold it
         raise UsageError(f"RUN_OR_DIR {target}: neither an experiment folder nor an MLflow run in "
-                         f"{client.tracking_uri}; allowed: a csl-search experiment folder, a run id, runs:/<id>") from None
+                         f"{client.tracking_uri}; allowed: a csl-search experiment folder, a run id, "
+                         "runs:/<id>") from None
     tags = run.data.tags
     if "mlflow.parentRunId" not in tags and "csl.best_run_id" in tags:
         run_id = tags["csl.best_run_id"]  # a search: its best trial

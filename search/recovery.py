@@ -112,8 +112,9 @@ def _missing_checkpoints(path: str, document: dict[str, Any]) -> list[tuple[str,
     older one once a newer one replaces it; it uploads its snapshot in the background, so a driver killed in
     between leaves a snapshot that names a deleted checkpoint, and Tune would fail the trial on it. The copy of the
     newest keeps the trial continuing from its newest epoch; a copy given a deleted best checkpoint's name is not
-    taken for the best by ``search.models``, which finds the best epoch's checkpoint by its ``csl_result.json``. The names are read from the trial's pickled checkpoint
-    manager as text (``trust.pickle_strings``: nothing is unpickled).
+    taken for the best by ``search.models``, which finds the best epoch's checkpoint by its ``csl_result.json``.
+    The names are read from the trial's pickled checkpoint manager as text (``trust.pickle_strings``: nothing is
+    unpickled).
     """
     missing = []
     for state, meta in document["trial_data"]:
