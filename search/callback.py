@@ -18,6 +18,8 @@ Child run of a trial:
   the epoch whose loss was NaN/inf); a config value that PBT changes is logged as a metric ``config.<name>``
   (params are immutable);
 - artifacts ``trial_config.json`` (and ``error.txt`` for a failed trial); the data set as an MLflow input;
+- once the trial ended, its best model (``search.models``: ``model``, ``encoder/``, tag ``csl.model_epoch``, or
+  ``csl.model_warning`` saying why there is none);
 - MLflow status FINISHED (finished), KILLED (stopped early by the scheduler), FAILED (failed, diverged),
   SCHEDULED (interrupted: it will run again).
 
@@ -107,6 +109,7 @@ class MlflowTrialCallback(Callback):
         *,
         metric: str,
         max_epochs: int,
+        mode: str | None = None,
         searched: list[str] | None = None,
         space: Any = None,
         ledger: Any = None,
@@ -119,6 +122,7 @@ class MlflowTrialCallback(Callback):
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.metric = metric
+        self.mode = mode  # with the metric, what the best model of an ended trial is (None: no model logged)
         self.max_epochs = max_epochs
         self.searched = list(searched or [])
         self._reset()
@@ -136,7 +140,7 @@ class MlflowTrialCallback(Callback):
     # Tune pickles the callback into tuner.pkl (which csl-search never reads back: a resume builds a new one); the
     # client, caches, ledger and signal state are not state.
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("tracking_uri", "experiment_id", "parent_run_id", "metric", "max_epochs", "searched", "space")
+        keep = ("tracking_uri", "experiment_id", "parent_run_id", "metric", "mode", "max_epochs", "searched", "space")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -368,8 +372,24 @@ class MlflowTrialCallback(Callback):
             self.client.set_tag(run_id, ERROR_TAG, reason[:MAX_TAG])
         if full_error:
             self.client.log_text(run_id, full_error, "error.txt")
+        if status != INTERRUPTED:
+            self._log_model(trial, run_id)
         self.client.set_terminated(run_id, status=RUN_STATUS.get(status, "FINISHED"))
         self._ended.add(trial.trial_id)
+
+    def _log_model(self, trial: Any, run_id: str) -> None:
+        """The ended trial's best model on its run (``search.models``), from its checkpoints or those of the trials
+        it replays."""
+        from search.models import log_trial_model
+
+        if self.mode is None:
+            return
+        storage = trial.storage
+        chain = self.ledger.replayed(trial.trial_id) if self.ledger is not None else []
+        name = getattr(trial, "trainable_name", "csl_trial")
+        folders = [storage.trial_fs_path, *(f"{storage.experiment_fs_path}/{name}_{lost}" for lost in chain)]
+        log_trial_model(self.client, self.tracking_uri, run_id, filesystem=storage.storage_filesystem,
+                        trial_folders=folders, metric=self.metric, mode=self.mode)  # fmt: skip
 
     # ------------------------------------------------------------------ Tune hooks
 

@@ -65,6 +65,7 @@ class SearchOptions:
     mlflow_uri: str | None = None
     experiment: str | None = None
     verbose: int = 1
+    register_model: str | None = None  # register the search's best model under this name (search.models)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class SearchOutcome:
     notes: list[str] = field(default_factory=list)  # what a resume found and did
     problems: list[str] = field(default_factory=list)  # planned trials the search did not end: it is not complete
     report_path: str | None = None  # the report written at the end (None: it failed; the parent says why)
+    model: str = ""  # where the best model is (search.models.log_search_model), one line
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -107,6 +109,7 @@ class SearchOutcome:
             f"history: {self.history_path}",
             f"report:  {self.report_path or 'not written (see the parent run tag csl.report_warning)'}",
             f"MLflow: experiment '{self.experiment_name}', parent run {self.parent_run_id}",
+            *([self.model] if self.model else []),
         ]
         if self.tracking_uri.startswith(("http://", "https://")):
             lines.append(f"open it: {self.tracking_uri}/#/experiments")
@@ -149,26 +152,31 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def _trainable(resources: Mapping[str, float]) -> Any:
+def _trainable(resources: Mapping[str, float], metric: str | None = None, mode: str | None = None) -> Any:
     from ray import tune
 
     from search.trainable import csl_trial
 
-    return tune.with_resources(csl_trial, dict(resources))
+    # metric and mode: each epoch's checkpoint score is computed in the trial (search.trainable)
+    return tune.with_resources(tune.with_parameters(csl_trial, metric=metric, mode=mode), dict(resources))
 
 
 def _run_config(state: Mapping[str, Any], callbacks: list[Any], verbose: int) -> Any:
     from ray import tune
 
-    # Keep the latest checkpoint only (epochs of a big encoder add up), except under PBT, which clones other
-    # trials' checkpoints and wants them kept a little longer (Tune warns below 3).
+    # Keep the best checkpoint by the trial's score (search.trainable: its best epoch by search.best) and, beside
+    # it, Tune always keeps the latest, which a resume continues from: at most two per trial (epochs of a big
+    # encoder add up). PBT clones other trials' checkpoints and wants them kept a little longer (Tune warns below 3).
+    from search.trainable import SCORE
+
     keep = 3 if state["options"]["scheduler"] == "pbt" else 1
     return tune.RunConfig(
         name=state["name"],
         storage_path=state["storage"],
         callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=int(state["max_failures"])),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE,
+                                                checkpoint_score_order="max"),
         verbose=verbose,
     )
 
@@ -208,7 +216,7 @@ def _tuner(state: Mapping[str, Any], space: Any, searcher: Any, callbacks: list[
     again = ResumeConfig.ResumeType.RESUME
     kwargs = {"resume_config": ResumeConfig(unfinished=again, errored=again)} if resume else None
     return tune.Tuner(
-        _trainable(state["resources"]),
+        _trainable(state["resources"], state["metric"], state["mode"]),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=state["metric"],
@@ -231,8 +239,8 @@ def _callbacks(state: Mapping[str, Any], space: Any, ledger: Any, interrupt: Int
 
     mlflow = MlflowTrialCallback(
         state["tracking_uri"], state["experiment_id"], state["parent_run_id"], metric=state["metric"],
-        max_epochs=int(state["max_epochs"]), searched=list(space.dimensions), space=space, ledger=ledger,
-        interrupt=interrupt,
+        mode=state["mode"], max_epochs=int(state["max_epochs"]), searched=list(space.dimensions), space=space,
+        ledger=ledger, interrupt=interrupt,
     )  # fmt: skip
     return [mlflow, FinalStatus(interrupt)]
 
@@ -395,7 +403,8 @@ def _saved_space(state: Mapping[str, Any]) -> Any:
 
 
 def resume_search(
-    experiment_path: str, *, address: str | None = None, num_cpus: int | None = None, rebuild: bool = False
+    experiment_path: str, *, address: str | None = None, num_cpus: int | None = None, rebuild: bool = False,
+    register_model: str | None = None,
 ) -> SearchOutcome:
     """Continue an interrupted or killed search (``search.recovery``): ended trials stay as they are, unfinished
     ones continue from their last checkpoints, trials Tune lost are proposed again.
@@ -412,6 +421,8 @@ def resume_search(
 
     started = time.time()
     state = load_state(experiment_path)
+    if register_model:
+        state["register_model"] = register_model  # this resume's choice (the run's own is in state["options"])
     path = state["experiment_path"] = storage.normalise(experiment_path)  # the folder may have moved
     state["name"], state["storage"] = path.rstrip("/").rsplit("/", 1)[1], path.rstrip("/").rsplit("/", 1)[0]
     check_reachable(state["tracking_uri"])
@@ -484,9 +495,16 @@ def _fit_and_finish(
         outcome.problems.append(f"{len(lost)} planned trials did not run: {', '.join(p.trial_id for p in lost)}")
     outcome.report_path = end_of_search_report(state["tracking_uri"], state["parent_run_id"], outcome.experiment_path)
     local = [] if storage.is_uri(outcome.results_path) else [outcome.results_path, outcome.history_path]
+    best = best_trial(outcome.trials, outcome.metric, outcome.mode)
+    if not outcome.interrupted:  # the best trial's model on the parent, registered if asked (search.models)
+        from search.models import log_search_model
+
+        register = state.get("register_model") or state["options"].get("register_model")
+        outcome.model = log_search_model(state["tracking_uri"], state["parent_run_id"], best.run_id if best else None,
+                                         register=register)  # fmt: skip
     finish_parent(
         MlflowClient(tracking_uri=state["tracking_uri"]), state["parent_run_id"], files=local, counts=outcome.counts(),
-        best=best_trial(outcome.trials, outcome.metric, outcome.mode),
+        best=best,
         interrupted=outcome.interrupted or bool(outcome.unfinished()) or bool(outcome.problems),
         step=int(state.get("resumes", 0)),
     )  # fmt: skip
