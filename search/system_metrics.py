@@ -18,6 +18,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ def find_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id
 
 def start(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> Any | None:
     """A started monitor of this machine logging to the trial's run, or None (no run, no psutil, no store)."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).is_file():
+        # The driver's SQLite file is not on this node: opening it here would create an empty store.
+        log.warning("trial %s: the tracking store %s is not on this node; no system metrics", trial_id, tracking_uri)
+        return None
     try:
         run_id = find_run(tracking_uri, experiment_id, parent_run_id, trial_id)
         if run_id is None:
