@@ -157,18 +157,24 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def _trainable(state: Mapping[str, Any]) -> Any:
+def _trainable(resources: Mapping[str, float]) -> Any:
     from ray import tune
 
     from search.trainable import csl_trial
 
-    trainable = csl_trial
-    if state["options"].get("system_metrics", True):
-        from search.system_metrics import monitored
+    return tune.with_resources(csl_trial, dict(resources))
 
-        trainable = monitored(csl_trial, tracking_uri=state["tracking_uri"], experiment_id=state["experiment_id"],
-                              parent_run_id=state["parent_run_id"])  # fmt: skip
-    return tune.with_resources(trainable, dict(state["resources"]))
+
+def _monitored(trainable: Any, state: Mapping[str, Any]) -> Any:
+    """The trainable with MLflow system metrics around each trial (``search.system_metrics``), unless turned off.
+
+    ``functools.wraps`` carries ``with_resources``' ``_resources`` and the name over to the wrapper."""
+    if not state["options"].get("system_metrics", True):
+        return trainable
+    from search.system_metrics import monitored
+
+    return monitored(trainable, tracking_uri=state["tracking_uri"], experiment_id=state["experiment_id"],
+                     parent_run_id=state["parent_run_id"])  # fmt: skip
 
 
 def _run_config(state: Mapping[str, Any], callbacks: list[Any], verbose: int) -> Any:
@@ -222,7 +228,7 @@ def _tuner(state: Mapping[str, Any], space: Any, searcher: Any, callbacks: list[
     again = ResumeConfig.ResumeType.RESUME
     kwargs = {"resume_config": ResumeConfig(unfinished=again, errored=again)} if resume else None
     return tune.Tuner(
-        _trainable(state),
+        _monitored(_trainable(state["resources"]), state),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=state["metric"],
