@@ -20,8 +20,10 @@ Child run of a trial:
 - artifacts ``trial_config.json`` (and ``error.txt`` for a failed trial); the data set as an MLflow input;
 - once the trial ended, its best model (``search.models``: ``model``, ``encoder/``, tag ``csl.model_epoch``, or
   ``csl.model_warning`` saying why there is none);
-- MLflow status FINISHED (finished), KILLED (stopped early by the scheduler), FAILED (failed, diverged),
-  SCHEDULED (interrupted: it will run again).
+- MLflow status FINISHED (finished, and stopped early by the scheduler: ``csl.status`` tells them apart), FAILED
+  (failed, diverged), SCHEDULED (interrupted: it will run again);
+- run name: its aspects and a short id (``simclr·resnet18·last_vector·cosine·infonce·a47a``,
+  ``search.tracking.trial_run_name``); Tune's name of the trial stays in ``csl.trial_name``.
 
 Resume never duplicates: a run is looked up by its ``csl.trial_id`` tag under the parent before one is made, an
 epoch already logged is not logged again, a run that ended under an earlier driver keeps its end, and
@@ -88,8 +90,10 @@ from search.tracking import (
     finite_number,
     param_value,
     resolved_config,
+    trial_run_name,
     trial_runs,
 )
+from search.progress import CallWatch, watched
 from search.trainable import ENDED_FILE, RESULT_FILE, add_handover
 
 log = logging.getLogger(__name__)
@@ -125,6 +129,7 @@ class MlflowTrialCallback(Callback):
         self.mode = mode  # with the metric, what the best model of an ended trial is (None: no model logged)
         self.max_epochs = max_epochs
         self.searched = list(searched or [])
+        self.watch = CallWatch()  # how MLflow answers (search.progress shows it when it stops answering)
         self._reset()
 
     def _reset(self) -> None:
@@ -144,7 +149,7 @@ class MlflowTrialCallback(Callback):
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, ledger=None, interrupt=None)
+        self.__dict__.update(state, ledger=None, interrupt=None, watch=CallWatch())
         self._reset()
 
     def _interrupted(self) -> bool:
@@ -155,7 +160,7 @@ class MlflowTrialCallback(Callback):
         if self._client_obj is None:
             from mlflow import MlflowClient
 
-            self._client_obj = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client_obj = watched(MlflowClient(tracking_uri=self.tracking_uri), self.watch)
         return self._client_obj
 
     # ------------------------------------------------------------------ runs
@@ -220,7 +225,7 @@ class MlflowTrialCallback(Callback):
         params = self._params(config)
         if self.space is not None:
             tags["csl.label"] = self.space.label(config)
-        run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=trial_run_name(params, trial.trial_id), tags=tags)
         run_id = run.info.run_id
         self._runs[trial.trial_id] = run_id
         self._logged_step[trial.trial_id] = 0
@@ -294,7 +299,7 @@ class MlflowTrialCallback(Callback):
         self.client.set_tag(run_id, TRIAL_TAG, trial.trial_id)
         self.client.set_tag(run_id, REPLAYS_TAG, lost)
         self.client.set_tag(run_id, "csl.trial_name", str(trial))
-        self.client.update_run(run_id, name=str(trial))
+        self.client.update_run(run_id, name=trial_run_name(params, trial.trial_id))
         missing = {key: value for key, value in wanted.items() if key not in run.data.params}
         if missing:  # the driver died between making the run and logging its params
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(missing.items())])

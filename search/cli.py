@@ -4,8 +4,9 @@
                               [--num-samples N] [--max-concurrent N] [--cpus-per-trial C] [--gpus-per-trial G]
                               [--storage DIR_OR_URI] [--name NAME] [--address HOST:PORT] [--num-cpus N]
                               [--seed S] [--max-failures K] [--mlflow-uri URI] [--experiment NAME]
-                              [--register-model NAME]
+                              [--register-model NAME] [-q | -v] [--progress-every S] [--no-system-metrics]
     csl-search resume EXPERIMENT_FOLDER [--address HOST:PORT] [--num-cpus N] [--rebuild] [--register-model NAME]
+                                        [-q | -v] [--progress-every S]
     csl-search compare (--experiment NAME | --parent-run ID) [--mlflow-uri URI | --storage DIR] [--top N]
     csl-search report TARGET [...]
     csl-search export RUN_OR_DIR --out DIR [--mlflow-uri URI | --storage DIR]
@@ -55,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial (default: 2)")
     run.add_argument("--mlflow-uri", help="tracking server or store (default: sqlite:///<storage>/mlflow.db)")
     run.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
-    run.add_argument("-q", "--quiet", action="store_true", help="less Ray Tune progress output")
+    _output_arguments(run)
+    run.add_argument("--no-system-metrics", action="store_true",
+                     help="do not log MLflow system metrics (CPU, memory, GPU) on the trials' runs")
     run.add_argument("--register-model", metavar="NAME", help="register the best model in MLflow's model registry")
 
     resume = sub.add_parser("resume", help="continue an interrupted search, keeping its completed trials",
@@ -66,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--rebuild", action="store_true",
                         help="continue from the ledger and MLflow when Tune's snapshot is damaged (it is set aside)")
     resume.add_argument("--register-model", metavar="NAME", help="register the best model in MLflow's model registry")
+    _output_arguments(resume)
 
     compare = sub.add_parser("compare", help="rank a search's trials and the effect of each design choice",
                              parents=[common])  # fmt: skip
@@ -87,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     report_arguments(sub.add_parser("report", help="Markdown report and plots of a search or study, from MLflow",
                                     parents=[common]))  # fmt: skip
     return parser
+
+
+def _output_arguments(parser: argparse.ArgumentParser) -> None:
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress line: the final table only")
+    loud.add_argument("-v", "--verbose", action="store_true", help="Ray Tune's trial tables too")
+    parser.add_argument("--progress-every", type=float, default=None, metavar="S",
+                        help="seconds between progress lines when stderr is not a terminal (default: 30)")
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    return 0 if args.quiet else 2 if args.verbose else 1
 
 
 def _error(message: str, code: int) -> int:
@@ -117,6 +133,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return _error(f"{flag}: must be at least 1, got {value}; allowed: an int >= 1", 2)
     if args.max_failures < 0:
         return _error(f"--max-failures: must be at least 0, got {args.max_failures}; allowed: an int >= 0", 2)
+    if args.progress_every is not None and not args.progress_every > 0:
+        return _error(f"--progress-every: must be > 0, got {args.progress_every}; allowed: seconds > 0", 2)
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         return _error("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0", 2)
 
@@ -137,7 +155,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         max_failures=args.max_failures,
         mlflow_uri=args.mlflow_uri,
         experiment=args.experiment,
-        verbose=0 if args.quiet else 1,
+        verbose=_verbosity(args),
+        system_metrics=not args.no_system_metrics,
+        progress_every_s=args.progress_every or 30.0,
         register_model=args.register_model,
     )
     command = "csl-search " + " ".join(shlex.quote(a) for a in argv)
@@ -147,8 +167,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from search.run import resume_search
 
+    if args.progress_every is not None and not args.progress_every > 0:
+        return _error(f"--progress-every: must be > 0, got {args.progress_every}; allowed: seconds > 0", 2)
+    verbose = _verbosity(args) if args.quiet or args.verbose else None  # else as the search was started
     return _finished(resume_search(args.path, address=args.address, num_cpus=args.num_cpus, rebuild=args.rebuild,
-                                   register_model=args.register_model))
+                                   verbose=verbose, progress_every_s=args.progress_every,
+                                   register_model=args.register_model))  # fmt: skip
 
 
 def _default_store(args: argparse.Namespace) -> str:
