@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from csl.best import MODES
 from csl.config import TRAINER_DEFAULTS
 from csl.errors import one_line
 from csl.metrics import EPOCH_METRICS
@@ -98,7 +99,61 @@ def cmd_train(args: argparse.Namespace, extra: list[str], argv: list[str]) -> in
         raise Interrupted(_continue_note(args, argv, run)) from None
 
 
+BEST_DIR = "best"  # --checkpoint DIR/best/: the best epoch's state (csl.best), beside the latest in DIR
+BEST_FILE = "best.json"  # in DIR/best/: {metric, mode, epoch, value}
+
+
+def best_metric(args: argparse.Namespace, run: Any) -> tuple[str, str]:
+    """(metric, mode) the best epoch is chosen by: --best-metric (default knn_acc where measured, else ssl_loss),
+    --best-mode (default: the metric's own direction, ``csl.metrics``)."""
+    from csl.metrics import METRICS
+
+    metric = args.best_metric or ("knn_acc" if "knn_acc" not in run.unmeasured else "ssl_loss")
+    if metric not in METRICS:
+        raise ChoiceError(f"--best-metric: unknown metric '{metric}'; choose one of: {', '.join(METRICS)}")
+    if metric in run.unmeasured:
+        raise ChoiceError(f"--best-metric {metric}: this run does not measure it ({run.unmeasured[metric]})")
+    return metric, args.best_mode or METRICS[metric].mode
+
+
+def saved_best(folder: Path | None, metric: str, mode: str) -> Any:
+    """The running best a checkpoint folder's best/ records for (metric, mode), else none (``csl.best``)."""
+    import json
+
+    from csl.best import NONE, Best
+
+    file = folder / BEST_DIR / BEST_FILE if folder else None
+    if file is None or not file.is_file():
+        return NONE
+    saved = json.loads(file.read_text())
+    if (saved.get("metric"), saved.get("mode")) != (metric, mode):
+        return NONE
+    return Best(int(saved["epoch"]), float(saved["value"]))
+
+
+def keep_best(folder: Path, run: Any, best: Any, metrics: dict[str, float], metric: str, mode: str) -> Any:
+    """Save the epoch into ``folder``/best/ when it becomes the best (``csl.best.improves``); the running best."""
+    import json
+    import shutil
+
+    from csl.best import improves, update
+
+    if not improves(best, metrics.get(metric), mode):
+        return best
+    best = update(best, run.epoch, metrics[metric], mode)
+    target, partial = folder / BEST_DIR, folder / f".{BEST_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    run.save(partial)
+    (partial / BEST_FILE).write_text(json.dumps({"metric": metric, "mode": mode, "epoch": best.epoch,
+                                                 "value": best.value}))  # fmt: skip
+    shutil.rmtree(target, ignore_errors=True)
+    partial.replace(target)  # a kill in between leaves the older best or none, never half of one
+    return best
+
+
 def _train(args: argparse.Namespace, run: Any) -> int:
+    import shutil
+
     from tqdm import tqdm
 
     from csl.evaluate import extract_features, linear_eval
@@ -108,6 +163,10 @@ def _train(args: argparse.Namespace, run: Any) -> int:
           flush=True)
     if args.resume:
         run.load(args.resume)
+    metric, mode = best_metric(args, run)
+    best = saved_best(args.resume, metric, mode)
+    if args.checkpoint and args.resume and best.found and Path(args.checkpoint).resolve() != args.resume.resolve():
+        shutil.copytree(args.resume / BEST_DIR, Path(args.checkpoint) / BEST_DIR, dirs_exist_ok=True)
     start = time.perf_counter()
     while run.epoch < run.config["epochs"]:
         with tqdm(total=run.steps_per_epoch * run.config["batch_size"], unit="img", leave=False,
@@ -117,6 +176,7 @@ def _train(args: argparse.Namespace, run: Any) -> int:
         print(progress_line(run.epoch, run.config["epochs"], metrics), flush=True)
         if args.checkpoint:
             run.save(args.checkpoint)
+            best = keep_best(Path(args.checkpoint), run, best, metrics, metric, mode)
     if args.linear_epochs and run.test_data is None:
         print(f"linear evaluation skipped: {run.unmeasured['knn_acc']}")
     elif args.linear_epochs:
@@ -129,6 +189,9 @@ def _train(args: argparse.Namespace, run: Any) -> int:
         print(f"linear evaluation ({args.linear_epochs} epochs on frozen features): acc={acc:.4f}")
     done = progress_line(run.epoch, run.config["epochs"], run.last_eval)
     print(f"done in {time.perf_counter() - start:.1f}s: {done}")
+    if args.checkpoint and best.found:
+        print(f"best epoch {best.epoch} ({metric} {best.value:.4g}, {mode}): {Path(args.checkpoint) / BEST_DIR}; "
+              f"its encoder: csl.embedder.from_checkpoint('{Path(args.checkpoint) / BEST_DIR}')")
     return 0
 
 
@@ -157,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train one configuration; any option as --name value", parents=[common],
                            epilog="e.g. csl train --method simclr --encoder resnet18 --width 0.25 --epochs 5")
     train.add_argument("--method", choices=sorted(PRESETS))
-    train.add_argument("--checkpoint", type=Path, help="save the training state here after every epoch")
+    train.add_argument("--checkpoint", type=Path,
+                       help="save the training state here after every epoch, and the best epoch's in CHECKPOINT/best/")
+    train.add_argument("--best-metric", help="metric of the best epoch (default: knn_acc if measured, else ssl_loss)")
+    train.add_argument("--best-mode", choices=MODES, help="max or min (default: the metric's direction)")
     train.add_argument("--resume", type=Path, help="continue from a checkpoint folder")
     train.add_argument("--linear-epochs", type=int, default=0, help="then run offline linear evaluation")
     args, extra = parser.parse_known_args(argv)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from csl import data as datasets
 from csl.config import resolve
 from csl.distributed import data_parallel, gather, global_batchnorm, scaled_lr, shard, wants_global_bn, world
+from csl.embedder import data_stats
 from csl.evaluate import extract_features, knn_accuracy, label_free_features, probe_accuracy
 from csl.label_free import label_free_metrics
 from csl.metrics import METRICS, unmeasured
@@ -191,6 +192,8 @@ class Run:
         train_data, test_data = data if data is not None else load_data(cfg)
         self._set_data(train_data, test_data)
         mean, std = self.train_data.mean_std()
+        # kept in every checkpoint: what rebuilds the encoder's evaluation view without the data (csl.embedder)
+        self.data_stats = data_stats(image_size(self.train_data), mean, std)
         self.pipeline, self.model = build_model(self._per_worker(cfg), image_size=image_size(self.train_data),
                                                 mean=mean, std=std)
         if self.workers > 1 and wants_global_bn(cfg["sync_bn"], self.model):
@@ -390,6 +393,7 @@ class Run:
             "last_eval": dict(self.last_eval),
             "initial_loss": self.initial_loss,
             "config": {k: v for k, v in self.config.items()},
+            "data_stats": dict(self.data_stats),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

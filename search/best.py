@@ -10,65 +10,24 @@ a best value after all the others, by trial id.
 
 Users: ``search.results`` (results.parquet's ``best_*`` columns and the table a search prints), ``search.compare``,
 the search report (``search.report``), the parent run's ``csl.best_*`` tags and metric (``search.run``), and, for a
-running trial, ``improves`` (the test a kept best checkpoint needs). The robustness studies score a run at its last
-epoch instead (the model the budget produced, the same epoch for every run): they call that value ``final``, never
-best.
+running trial, ``improves`` (the test a kept best checkpoint passes: the trainable's checkpoint score,
+``search.trainable``, and ``csl train --checkpoint``, which is why the running rule lives in ``csl.best``). The
+robustness studies score a run at its last epoch instead (the model the budget produced, the same epoch for every
+run): they call that value ``final``, never best.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from search.space.schema import MODES
+# The running rule lives in csl (``csl train --checkpoint`` keeps a best epoch too); this module is its home for
+# every reader in search.
+from csl.best import NONE, Best, better, finite, improves, update  # noqa: F401 - re-exported
+from csl.best import check_mode as _check
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Best:
-    """A trial's best epoch and its value; both None for a trial without a finite value."""
-
-    epoch: int | None = None
-    value: float | None = None
-
-    @property
-    def found(self) -> bool:
-        return self.value is not None
-
-
-NONE = Best()
-
-
-def _check(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
-
-
-def finite(value: Any) -> bool:
-    """A number that can be best: not a bool, not None, not NaN or infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def better(a: float, b: float, mode: str) -> bool:
-    """Whether value ``a`` is strictly better than ``b`` under ``mode``."""
-    _check(mode)
-    return a > b if mode == "max" else a < b
-
-
-def improves(best: Best, value: Any, mode: str) -> bool:
-    """Whether an epoch's ``value``, reported after the epochs that gave ``best``, becomes the new best.
-
-    Strictly better only: an equal value keeps the earlier epoch. A best checkpoint is kept exactly when this holds.
-    """
-    return finite(value) and (not best.found or better(float(value), float(best.value), mode))
-
-
-def update(best: Best, epoch: int, value: Any, mode: str) -> Best:
-    """``best`` after one more epoch (epochs arrive in order)."""
-    return Best(int(epoch), float(value)) if improves(best, value, mode) else best
 
 
 def best_of(points: Iterable[tuple[int, Any]], mode: str) -> Best:

@@ -18,8 +18,12 @@ Child run of a trial:
   the epoch whose loss was NaN/inf); a config value that PBT changes is logged as a metric ``config.<name>``
   (params are immutable);
 - artifacts ``trial_config.json`` (and ``error.txt`` for a failed trial); the data set as an MLflow input;
-- MLflow status FINISHED (finished), KILLED (stopped early by the scheduler), FAILED (failed, diverged),
-  SCHEDULED (interrupted: it will run again).
+- once the trial ended, its best model (``search.models``: ``model``, ``encoder/``, tag ``csl.model_epoch``, or
+  ``csl.model_warning`` saying why there is none);
+- MLflow status FINISHED (finished, and stopped early by the scheduler: ``csl.status`` tells them apart), FAILED
+  (failed, diverged), SCHEDULED (interrupted: it will run again);
+- run name: its aspects and a short id (``simclr·resnet18·last_vector·cosine·infonce·a47a``,
+  ``search.tracking.trial_run_name``); Tune's name of the trial stays in ``csl.trial_name``.
 
 Resume never duplicates: a run is looked up by its ``csl.trial_id`` tag under the parent before one is made, an
 epoch already logged is not logged again, a run that ended under an earlier driver keeps its end, and
@@ -86,8 +90,10 @@ from search.tracking import (
     finite_number,
     param_value,
     resolved_config,
+    trial_run_name,
     trial_runs,
 )
+from search.progress import CallWatch, watched
 from search.trainable import ENDED_FILE, RESULT_FILE, add_handover
 
 log = logging.getLogger(__name__)
@@ -107,6 +113,7 @@ class MlflowTrialCallback(Callback):
         *,
         metric: str,
         max_epochs: int,
+        mode: str | None = None,
         searched: list[str] | None = None,
         space: Any = None,
         ledger: Any = None,
@@ -119,8 +126,10 @@ class MlflowTrialCallback(Callback):
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.metric = metric
+        self.mode = mode  # with the metric, what the best model of an ended trial is (None: no model logged)
         self.max_epochs = max_epochs
         self.searched = list(searched or [])
+        self.watch = CallWatch()  # how MLflow answers (search.progress shows it when it stops answering)
         self._reset()
 
     def _reset(self) -> None:
@@ -136,11 +145,11 @@ class MlflowTrialCallback(Callback):
     # Tune pickles the callback into tuner.pkl (which csl-search never reads back: a resume builds a new one); the
     # client, caches, ledger and signal state are not state.
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("tracking_uri", "experiment_id", "parent_run_id", "metric", "max_epochs", "searched", "space")
+        keep = ("tracking_uri", "experiment_id", "parent_run_id", "metric", "mode", "max_epochs", "searched", "space")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, ledger=None, interrupt=None)
+        self.__dict__.update(state, ledger=None, interrupt=None, watch=CallWatch())
         self._reset()
 
     def _interrupted(self) -> bool:
@@ -151,7 +160,7 @@ class MlflowTrialCallback(Callback):
         if self._client_obj is None:
             from mlflow import MlflowClient
 
-            self._client_obj = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client_obj = watched(MlflowClient(tracking_uri=self.tracking_uri), self.watch)
         return self._client_obj
 
     # ------------------------------------------------------------------ runs
@@ -216,7 +225,7 @@ class MlflowTrialCallback(Callback):
         params = self._params(config)
         if self.space is not None:
             tags["csl.label"] = self.space.label(config)
-        run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=trial_run_name(params, trial.trial_id), tags=tags)
         run_id = run.info.run_id
         self._runs[trial.trial_id] = run_id
         self._logged_step[trial.trial_id] = 0
@@ -290,7 +299,7 @@ class MlflowTrialCallback(Callback):
         self.client.set_tag(run_id, TRIAL_TAG, trial.trial_id)
         self.client.set_tag(run_id, REPLAYS_TAG, lost)
         self.client.set_tag(run_id, "csl.trial_name", str(trial))
-        self.client.update_run(run_id, name=str(trial))
+        self.client.update_run(run_id, name=trial_run_name(params, trial.trial_id))
         missing = {key: value for key, value in wanted.items() if key not in run.data.params}
         if missing:  # the driver died between making the run and logging its params
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(missing.items())])
@@ -368,8 +377,26 @@ class MlflowTrialCallback(Callback):
             self.client.set_tag(run_id, ERROR_TAG, reason[:MAX_TAG])
         if full_error:
             self.client.log_text(run_id, full_error, "error.txt")
+        if status != INTERRUPTED:
+            self._log_model(trial, run_id)
         self.client.set_terminated(run_id, status=RUN_STATUS.get(status, "FINISHED"))
         self._ended.add(trial.trial_id)
+
+    def _log_model(self, trial: Any, run_id: str) -> None:
+        """The ended trial's best model on its run (``search.models``), from its checkpoints or those of the trials
+        it replays."""
+        from search.models import log_trial_model
+        from search.train_trial import TRAIN_RUN
+
+        if self.mode is None:
+            return
+        storage = trial.storage
+        chain = self.ledger.replayed(trial.trial_id) if self.ledger is not None else []
+        name = getattr(trial, "trainable_name", "csl_trial")
+        folders = [storage.trial_fs_path, *(f"{storage.experiment_fs_path}/{name}_{lost}" for lost in chain)]
+        folders += [f"{folder}/{TRAIN_RUN}" for folder in folders]  # a trial of several workers: Train's checkpoints
+        log_trial_model(self.client, self.tracking_uri, run_id, filesystem=storage.storage_filesystem,
+                        trial_folders=folders, metric=self.metric, mode=self.mode)  # fmt: skip
 
     # ------------------------------------------------------------------ Tune hooks
 

@@ -4,9 +4,12 @@
                               [--num-samples N] [--max-concurrent N] [--cpus-per-trial C] [--gpus-per-trial G]
                               [--storage DIR_OR_URI] [--name NAME] [--address HOST:PORT] [--num-cpus N]
                               [--seed S] [--max-failures K] [--mlflow-uri URI] [--experiment NAME]
-    csl-search resume EXPERIMENT_FOLDER [--address HOST:PORT] [--num-cpus N] [--rebuild]
+                              [--register-model NAME] [-q | -v] [--progress-every S] [--no-system-metrics]
+    csl-search resume EXPERIMENT_FOLDER [--address HOST:PORT] [--num-cpus N] [--rebuild] [--register-model NAME]
+                                        [-q | -v] [--progress-every S]
     csl-search compare (--experiment NAME | --parent-run ID) [--mlflow-uri URI | --storage DIR] [--top N]
     csl-search report TARGET [...]
+    csl-search export RUN_OR_DIR --out DIR [--mlflow-uri URI | --storage DIR]
     (each with --debug: a traceback instead of the one-line error)
 
 Exit codes: 0 done; 1 the search could not run (tracking store unreachable, a folder that cannot be resumed as it
@@ -56,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial (default: 2)")
     run.add_argument("--mlflow-uri", help="tracking server or store (default: sqlite:///<storage>/mlflow.db)")
     run.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
-    run.add_argument("-q", "--quiet", action="store_true", help="less Ray Tune progress output")
+    _output_arguments(run)
+    run.add_argument("--no-system-metrics", action="store_true",
+                     help="do not log MLflow system metrics (CPU, memory, GPU) on the trials' runs")
+    run.add_argument("--register-model", metavar="NAME", help="register the best model in MLflow's model registry")
 
     resume = sub.add_parser("resume", help="continue an interrupted search, keeping its completed trials",
                             parents=[common])  # fmt: skip
@@ -65,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: as before)")
     resume.add_argument("--rebuild", action="store_true",
                         help="continue from the ledger and MLflow when Tune's snapshot is damaged (it is set aside)")
+    resume.add_argument("--register-model", metavar="NAME", help="register the best model in MLflow's model registry")
+    _output_arguments(resume)
 
     compare = sub.add_parser("compare", help="rank a search's trials and the effect of each design choice",
                              parents=[common])  # fmt: skip
@@ -75,11 +83,29 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--storage", default=DEFAULT_STORAGE, help="where the default store lives (default: runs)")
     compare.add_argument("--metric", help="metric to compare (default: the search's)")
     compare.add_argument("--top", type=int, default=10, help="configurations to list (default: 10)")
+    export = sub.add_parser("export", help="write a search's or a run's best encoder as a state_dict and its config",
+                            parents=[common])  # fmt: skip
+    export.add_argument("target", metavar="RUN_OR_DIR", help="experiment folder, or MLflow run id / runs:/<id>")
+    export.add_argument("--out", required=True, help="folder to write encoder.pt and config.json into")
+    export.add_argument("--mlflow-uri", help="store of a run (default: sqlite:///<storage>/mlflow.db)")
+    export.add_argument("--storage", default=DEFAULT_STORAGE, help="where the default store lives (default: runs)")
     from search.report.cli import add_arguments as report_arguments
 
     report_arguments(sub.add_parser("report", help="Markdown report and plots of a search or study, from MLflow",
                                     parents=[common]))  # fmt: skip
     return parser
+
+
+def _output_arguments(parser: argparse.ArgumentParser) -> None:
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="no progress line: the final table only")
+    loud.add_argument("-v", "--verbose", action="store_true", help="Ray Tune's trial tables too")
+    parser.add_argument("--progress-every", type=float, default=None, metavar="S",
+                        help="seconds between progress lines when stderr is not a terminal (default: 30)")
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    return 0 if args.quiet else 2 if args.verbose else 1
 
 
 def _error(message: str, code: int) -> int:
@@ -110,6 +136,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return _error(f"{flag}: must be at least 1, got {value}; allowed: an int >= 1", 2)
     if args.max_failures < 0:
         return _error(f"--max-failures: must be at least 0, got {args.max_failures}; allowed: an int >= 0", 2)
+    if args.progress_every is not None and not args.progress_every > 0:
+        return _error(f"--progress-every: must be > 0, got {args.progress_every}; allowed: seconds > 0", 2)
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         return _error("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0", 2)
 
@@ -131,7 +159,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         workers_per_trial=args.workers_per_trial,
         mlflow_uri=args.mlflow_uri,
         experiment=args.experiment,
-        verbose=0 if args.quiet else 1,
+        verbose=_verbosity(args),
+        system_metrics=not args.no_system_metrics,
+        progress_every_s=args.progress_every or 30.0,
+        register_model=args.register_model,
     )
     command = "csl-search " + " ".join(shlex.quote(a) for a in argv)
     return _finished(run_search(space, options, command=command))
@@ -140,7 +171,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from search.run import resume_search
 
-    return _finished(resume_search(args.path, address=args.address, num_cpus=args.num_cpus, rebuild=args.rebuild))
+    if args.progress_every is not None and not args.progress_every > 0:
+        return _error(f"--progress-every: must be > 0, got {args.progress_every}; allowed: seconds > 0", 2)
+    verbose = _verbosity(args) if args.quiet or args.verbose else None  # else as the search was started
+    return _finished(resume_search(args.path, address=args.address, num_cpus=args.num_cpus, rebuild=args.rebuild,
+                                   verbose=verbose, progress_every_s=args.progress_every,
+                                   register_model=args.register_model))  # fmt: skip
 
 
 def _default_store(args: argparse.Namespace) -> str:
@@ -168,6 +204,17 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from search import storage
+    from search.models import export
+
+    uri = None
+    if not Path(args.target).exists() and not storage.is_uri(args.target):
+        uri = _default_store(args)  # a run: the store it is in
+    print(export(args.target, args.out, tracking_uri=uri))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -180,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from search.report.cli import run as write_report
 
             return write_report(args)
+        if args.command == "export":
+            return _export(args)
         return _compare(args)
     except (Exception, KeyboardInterrupt) as exc:  # every error is one line unless --debug asks for the traceback
         if args.debug:

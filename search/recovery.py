@@ -108,10 +108,13 @@ def _missing_checkpoints(path: str, document: dict[str, Any]) -> list[tuple[str,
     """The checkpoints Tune's snapshot would restore unfinished trials from that are gone, each with the newest
     checkpoint of its trial: (missing folder, newest folder).
 
-    Tune keeps one checkpoint per trial (``num_to_keep=1``) and deletes the older one once a newer is saved; it
-    uploads its snapshot in the background, so a driver killed in between leaves a snapshot that names a deleted
-    checkpoint, and Tune would fail the trial on it. The names are read from the trial's pickled checkpoint
-    manager as text (``trust.pickle_strings``: nothing is unpickled).
+    Tune keeps two checkpoints per trial, its best (``search.trainable``'s score) and its latest, and deletes an
+    older one once a newer one replaces it; it uploads its snapshot in the background, so a driver killed in
+    between leaves a snapshot that names a deleted checkpoint, and Tune would fail the trial on it. The copy of the
+    newest keeps the trial continuing from its newest epoch; a copy given a deleted best checkpoint's name is not
+    taken for the best by ``search.models``, which finds the best epoch's checkpoint by its ``csl_result.json``.
+    The names are read from the trial's pickled checkpoint manager as text (``trust.pickle_strings``: nothing is
+    unpickled).
     """
     missing = []
     for state, meta in document["trial_data"]:

@@ -16,7 +16,8 @@
    (the planned length, which ``planned_epochs`` also holds; ``epochs`` is what it ran).
 
 ``history.parquet``: one row per trial per reported epoch: ``trial_id``, ``epoch``, the epoch metrics,
-``diverged``, ``time_total_s``, ``timestamp``, ``node_id``.
+``diverged``, ``time_total_s``, ``timestamp``, ``epoch_node_id`` (where that epoch ran). The two tables share one
+column name only, ``trial_id``, which joins them.
 
 Both carry ``csl.metric`` / ``csl.mode`` / ``csl.space`` in their schema metadata and need nothing but pyarrow
 to read. An epoch reported twice (a trial resumed from an older checkpoint) keeps its latest row.
@@ -68,7 +69,9 @@ class FinalStatus(Callback):
             f.write(json.dumps({t.trial_id: t.status for t in trials}).encode())
 
 
-HISTORY_COLUMNS = ("trial_id", "epoch", *EPOCH_METRICS, "diverged", "time_total_s", "timestamp", "node_id")
+# ``epoch_node_id``: where that epoch ran (a trial can move between nodes); not ``node_id``, results.parquet's
+# column of where the trial ran last, so that the two tables join on ``trial_id`` with no other shared name.
+HISTORY_COLUMNS = ("trial_id", "epoch", *EPOCH_METRICS, "diverged", "time_total_s", "timestamp", "epoch_node_id")
 
 
 def _number(value: Any) -> float | None:
@@ -92,7 +95,7 @@ def _history_rows(trial_id: str, frame: Any) -> list[dict[str, Any]]:
         row["diverged"] = int(_number(record.get("diverged")) or 0)
         row["timestamp"] = int(_number(record.get("timestamp")) or 0)
         node = record.get("node_id")
-        row["node_id"] = node if isinstance(node, str) else None
+        row["epoch_node_id"] = node if isinstance(node, str) else None
         by_epoch[int(epoch)] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
 

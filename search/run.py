@@ -65,7 +65,10 @@ class SearchOptions:
     workers_per_trial: int | None = None  # Ray Train workers per trial (search.train_trial); default the space's
     mlflow_uri: str | None = None
     experiment: str | None = None
-    verbose: int = 1
+    verbose: int = 1  # 0: the final table only (-q); 1: our progress line, no Ray tables; 2: Ray's tables too (-v)
+    system_metrics: bool = True  # MLflow system metrics on every trial's run (search.system_metrics)
+    progress_every_s: float = 30.0  # a progress line this often when stderr is not a terminal
+    register_model: str | None = None  # register the search's best model under this name (search.models)
 
 
 @dataclass
@@ -85,6 +88,9 @@ class SearchOutcome:
     notes: list[str] = field(default_factory=list)  # what a resume found and did
     problems: list[str] = field(default_factory=list)  # planned trials the search did not end: it is not complete
     report_path: str | None = None  # the report written at the end (None: it failed; the parent says why)
+    model: str = ""  # where the best model is (search.models.log_search_model), one line
+    experiment_id: str = ""
+    log_path: str | None = None  # the search's log file (search.console): checkpoints, MLflow links, INFO records
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -107,12 +113,17 @@ class SearchOutcome:
             f"results: {self.results_path}",
             f"history: {self.history_path}",
             f"report:  {self.report_path or 'not written (see the parent run tag csl.report_warning)'}",
+            *([f"log:     {self.log_path}"] if self.log_path else []),
             f"MLflow: experiment '{self.experiment_name}', parent run {self.parent_run_id}",
+            *([self.model] if self.model else []),
         ]
+        from search.tracking import runs_url
+
         if self.tracking_uri.startswith(("http://", "https://")):
-            lines.append(f"open it: {self.tracking_uri}/#/experiments")
+            lines.append(f"open it: {runs_url(self.tracking_uri, self.experiment_id)}")
         else:
-            lines.append(f"open it: mlflow ui --backend-store-uri {self.tracking_uri}")
+            lines.append(f"open it: mlflow ui --backend-store-uri {self.tracking_uri}, then "
+                         f"{runs_url('http://127.0.0.1:5000', self.experiment_id)}")  # fmt: skip
         lines.append(f"compare: csl-search compare --mlflow-uri {self.tracking_uri} --parent-run {self.parent_run_id}")
         lines.extend(f"problem: {problem}" for problem in self.problems)
         if self.interrupted or self.unfinished() or self.problems:
@@ -166,21 +177,23 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def _trainable(resources: Mapping[str, float]) -> Any:
+def _trainable(resources: Mapping[str, float], metric: str | None = None, mode: str | None = None) -> Any:
     """The trial function with its resources. A trial of several Train workers (search.train_trial) reserves
     nothing itself: its TorchTrainer places the workers, each with the CPUs and GPUs of ``--*-per-trial``."""
     from ray import tune
 
     from search.trainable import csl_trial
 
+    # metric and mode: each epoch's checkpoint score is computed in the trial (search.trainable)
     workers = int(resources.get("workers", 1))
     if workers == 1:
-        return tune.with_resources(csl_trial, {k: v for k, v in resources.items() if k != "workers"})
+        return tune.with_resources(tune.with_parameters(csl_trial, metric=metric, mode=mode), dict(resources))
     per_worker = {"CPU": float(resources.get("cpu", 1.0)), "GPU": float(resources.get("gpu", 0.0))}
     # Tune refuses an empty request and any CPU share would keep a worker off the driver's node: a trial asks for
     # a token of memory (1 MiB), which every node has.
     driver = tune.PlacementGroupFactory([{"memory": float(2**20)}])
-    return tune.with_resources(tune.with_parameters(csl_trial, worker_resources=per_worker), driver)
+    trial = tune.with_parameters(csl_trial, metric=metric, mode=mode, worker_resources=per_worker)
+    return tune.with_resources(trial, driver)
 
 
 def workers_per_trial(space: Any, workers: int | None) -> int:
@@ -191,19 +204,35 @@ def workers_per_trial(space: Any, workers: int | None) -> int:
     return int(space.fixed.get("workers_per_trial") or 1)
 
 
+def _monitored(trainable: Any, state: Mapping[str, Any]) -> Any:
+    """The trainable with MLflow system metrics around each trial (``search.system_metrics``), unless turned off.
+
+    ``functools.wraps`` carries ``with_resources``' ``_resources`` and the name over to the wrapper."""
+    if not state["options"].get("system_metrics", True):
+        return trainable
+    from search.system_metrics import monitored
+
+    return monitored(trainable, tracking_uri=state["tracking_uri"], experiment_id=state["experiment_id"],
+                     parent_run_id=state["parent_run_id"])  # fmt: skip
+
+
 def _run_config(state: Mapping[str, Any], callbacks: list[Any], verbose: int) -> Any:
     from ray import tune
 
-    # Keep the latest checkpoint only (epochs of a big encoder add up), except under PBT, which clones other
-    # trials' checkpoints and wants them kept a little longer (Tune warns below 3).
+    # Keep the best checkpoint by the trial's score (search.trainable: its best epoch by search.best) and, beside
+    # it, Tune always keeps the latest, which a resume continues from: at most two per trial (epochs of a big
+    # encoder add up). PBT clones other trials' checkpoints and wants them kept a little longer (Tune warns below 3).
+    from search.trainable import SCORE
+
     keep = 3 if state["options"]["scheduler"] == "pbt" else 1
     return tune.RunConfig(
         name=state["name"],
         storage_path=state["storage"],
         callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=int(state["max_failures"])),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
-        verbose=verbose,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=SCORE,
+                                                checkpoint_score_order="max"),
+        verbose=max(verbose - 1, 0),  # Ray's tables only at -v: by default the progress line says it (search.progress)
     )
 
 
@@ -242,7 +271,7 @@ def _tuner(state: Mapping[str, Any], space: Any, searcher: Any, callbacks: list[
     again = ResumeConfig.ResumeType.RESUME
     kwargs = {"resume_config": ResumeConfig(unfinished=again, errored=again)} if resume else None
     return tune.Tuner(
-        _trainable(state["resources"]),
+        _monitored(_trainable(state["resources"], state["metric"], state["mode"]), state),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=state["metric"],
@@ -267,10 +296,42 @@ def _callbacks(state: Mapping[str, Any], space: Any, ledger: Any, interrupt: Int
 
     mlflow = MlflowTrialCallback(
         state["tracking_uri"], state["experiment_id"], state["parent_run_id"], metric=state["metric"],
-        max_epochs=int(state["max_epochs"]), searched=list(space.dimensions), space=space, ledger=ledger,
-        interrupt=interrupt,
+        mode=state["mode"], max_epochs=int(state["max_epochs"]), searched=list(space.dimensions), space=space,
+        ledger=ledger, interrupt=interrupt,
     )  # fmt: skip
-    return [mlflow, FinalStatus(interrupt)]
+    callbacks = [mlflow, FinalStatus(interrupt)]
+    if int(state["resources"].get("workers", 1)) > 1:
+        from search.train_trial import TrainCleanup
+
+        callbacks.append(TrainCleanup())
+    if int(state["options"].get("verbose", 1)) >= 1:
+        callbacks.append(_progress(state, space, mlflow))
+    return callbacks
+
+
+def _progress(state: Mapping[str, Any], space: Any, mlflow: Any) -> Any:
+    """The progress line, told the trials' run names and, for the log file, each ended trial's MLflow link."""
+    from search.progress import Printer, Progress
+    from search.tracking import resolved_config, runs_url, trial_run_name
+
+    uri, experiment_id = state["tracking_uri"], state["experiment_id"]
+    printer = Printer(tty=None if int(state["options"].get("verbose", 1)) < 2 else False)  # -v: lines under Ray's
+    search_log = logging.getLogger("csl.search_log")
+
+    def name(trial: Any) -> str:
+        return trial_run_name(resolved_config(dict(trial.config)), trial.trial_id)
+
+    def ended(trial: Any, status: str) -> None:
+        run_id = mlflow._runs.get(trial.trial_id)
+        server = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        link = runs_url(server, experiment_id, run_id) if run_id else "(no MLflow run)"
+        search_log.info("trial %s (%s) %s: MLflow run %s", trial.trial_id, name(trial), status, link)
+
+    return Progress(
+        total=int(state["num_samples"]), max_epochs=int(state["max_epochs"]), metric=state["metric"],
+        mode=state["mode"], printer=printer, watch=mlflow.watch,
+        every_s=float(state["options"].get("progress_every_s", 30.0)), name=name, on_end=ended,
+    )  # fmt: skip
 
 
 def _searcher(state: Mapping[str, Any], space: Any, ledger: Any) -> Any:
@@ -346,7 +407,7 @@ def run_search(space: Any, options: SearchOptions, *, command: str | None = None
             sqlite = local and tracking_uri.startswith("sqlite")
             artifact_location = storage.join(root, "mlartifacts") if sqlite else None
             with store_lock(tracking_uri):
-                experiment_id = ensure_experiment(client, experiment_name, artifact_location)
+                experiment_id = ensure_experiment(client, experiment_name, artifact_location, space.description)
             command = command or " ".join(shlex.quote(a) for a in sys.argv)
             params = {k: v for k, v in asdict(options).items() if v is not None}
             params.update(num_samples=num_samples, experiment_path=experiment_path, max_epochs=max_epochs)
@@ -382,8 +443,9 @@ def run_search(space: Any, options: SearchOptions, *, command: str | None = None
             storage.write_text(storage.join(experiment_path, STATE_FILE), json.dumps(state, indent=2, default=str))
             ledger = Ledger(experiment_path)
             searcher = _searcher(state, space, ledger)
-            tuner = _tuner(state, space, searcher, _callbacks(state, space, ledger, interrupt), resume=False)
-            return _fit_and_finish(tuner, state, started, interrupt, ledger)
+            callbacks = _callbacks(state, space, ledger, interrupt)
+            tuner = _tuner(state, space, searcher, callbacks, resume=False)
+            return _fit_and_finish(tuner, state, started, interrupt, ledger, callbacks=callbacks)
         except BaseException as exc:
             if parent_run_id is not None:
                 from search.tracking import abandon_parent
@@ -438,7 +500,9 @@ def _saved_space(state: Mapping[str, Any]) -> Any:
 
 
 def resume_search(
-    experiment_path: str, *, address: str | None = None, num_cpus: int | None = None, rebuild: bool = False
+    experiment_path: str, *, address: str | None = None, num_cpus: int | None = None, rebuild: bool = False,
+    register_model: str | None = None,
+    verbose: int | None = None, progress_every_s: float | None = None,
 ) -> SearchOutcome:
     """Continue an interrupted or killed search (``search.recovery``): ended trials stay as they are, unfinished
     ones continue from their last checkpoints, trials Tune lost are proposed again.
@@ -455,8 +519,14 @@ def resume_search(
 
     started = time.time()
     state = load_state(experiment_path)
+    if register_model:
+        state["register_model"] = register_model  # this resume's choice (the run's own is in state["options"])
     path = state["experiment_path"] = storage.normalise(experiment_path)  # the folder may have moved
     state["name"], state["storage"] = path.rstrip("/").rsplit("/", 1)[1], path.rstrip("/").rsplit("/", 1)[0]
+    if verbose is not None:  # -q / -v of the resume, not of the first run
+        state["options"]["verbose"] = int(verbose)
+    if progress_every_s is not None:
+        state["options"]["progress_every_s"] = float(progress_every_s)
     check_reachable(state["tracking_uri"])
     client = MlflowClient(tracking_uri=state["tracking_uri"])
     try:
@@ -494,7 +564,7 @@ def resume_search(
             searcher.replays = list(plan.replays)
             callbacks = _callbacks(state, space, ledger, interrupt)
             tuner = _tuner(state, space, searcher, callbacks, resume=plan.mode == "restore")
-            return _fit_and_finish(tuner, state, started, interrupt, ledger, plan.notes)
+            return _fit_and_finish(tuner, state, started, interrupt, ledger, plan.notes, callbacks=callbacks)
         except BaseException as exc:
             abandon_parent(state["tracking_uri"], state["parent_run_id"], exc)
             if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
@@ -507,7 +577,37 @@ def resume_search(
                 ray.shutdown()
 
 
+def log_path(state: Mapping[str, Any]) -> str:
+    """The search's log file: in its experiment folder, or, when that is a URI, in the local temp folder."""
+    from search.console import LOG_FILE
+
+    path = state["experiment_path"]
+    if storage.is_uri(path):
+        import tempfile
+
+        return str(Path(tempfile.gettempdir()) / "csl-search" / f"{state['name']}.log")
+    return str(Path(path) / LOG_FILE)
+
+
 def _fit_and_finish(
+    tuner: Any, state: dict[str, Any], started: float, interrupt: Interrupt, ledger: Any, notes: list[str] = (),
+    *, callbacks: list[Any] = (),
+) -> SearchOutcome:
+    from search.console import routed
+    from search.progress import Printer, Progress
+
+    progress = next((c for c in callbacks if isinstance(c, Progress)), None)
+    printer = progress.printer if progress is not None else Printer()
+    ray_verbose = max(int(state["options"].get("verbose", 1)) - 1, 0)
+    try:
+        with routed(log_path(state), printer, ray_verbose=ray_verbose):
+            return _fit_and_finish_routed(tuner, state, started, interrupt, ledger, notes)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _fit_and_finish_routed(
     tuner: Any, state: dict[str, Any], started: float, interrupt: Interrupt, ledger: Any, notes: list[str] = ()
 ) -> SearchOutcome:
     from mlflow import MlflowClient
@@ -523,14 +623,22 @@ def _fit_and_finish(
     outcome.wall_time_s = time.time() - started
     outcome.interrupted = interrupt.requested
     outcome.notes = list(notes)
+    outcome.log_path = log_path(state)
     lost = missing_trials(ledger.planned(), outcome.trials)
     if lost and not outcome.interrupted:
         outcome.problems.append(f"{len(lost)} planned trials did not run: {', '.join(p.trial_id for p in lost)}")
     outcome.report_path = end_of_search_report(state["tracking_uri"], state["parent_run_id"], outcome.experiment_path)
     local = [] if storage.is_uri(outcome.results_path) else [outcome.results_path, outcome.history_path]
+    best = best_trial(outcome.trials, outcome.metric, outcome.mode)
+    if not outcome.interrupted:  # the best trial's model on the parent, registered if asked (search.models)
+        from search.models import log_search_model
+
+        register = state.get("register_model") or state["options"].get("register_model")
+        outcome.model = log_search_model(state["tracking_uri"], state["parent_run_id"], best.run_id if best else None,
+                                         register=register)  # fmt: skip
     finish_parent(
         MlflowClient(tracking_uri=state["tracking_uri"]), state["parent_run_id"], files=local, counts=outcome.counts(),
-        best=best_trial(outcome.trials, outcome.metric, outcome.mode),
+        best=best,
         interrupted=outcome.interrupted or bool(outcome.unfinished()) or bool(outcome.problems),
         step=int(state.get("resumes", 0)),
     )  # fmt: skip
@@ -566,5 +674,6 @@ def write_results(state: Mapping[str, Any]) -> SearchOutcome:
         metric=state["metric"],
         mode=state["mode"],
         trials=trials,
+        experiment_id=str(state["experiment_id"]),
         table=ranking_text(trials, metric=state["metric"], mode=state["mode"], shown=state.get("shown", [])),
     )

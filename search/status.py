@@ -11,7 +11,9 @@
                  from its last checkpoint
 
 A trial read back before it ended (pending, running, paused when its search stopped) is ``interrupted``. The
-MLflow run status follows: FINISHED, KILLED, FAILED, FAILED, SCHEDULED (waiting to run again).
+MLflow run status follows: FINISHED, FINISHED, FAILED, FAILED, SCHEDULED (waiting to run again). A stopped trial is
+FINISHED, not KILLED: early stopping is the scheduler doing its job, and MLflow's UI draws KILLED runs with the red
+cross of a failure; ``csl.status=stopped`` tells it from a finished one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ INTERRUPTED = "interrupted"
 ENDED = ("finished", "stopped", "diverged")  # a trial in one of these never trains again (failed ones may retry)
 FINAL = (*ENDED, "failed")
 RUN_STATUS = {
-    "finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "diverged": "FAILED", INTERRUPTED: "SCHEDULED",
+    "finished": "FINISHED", "stopped": "FINISHED", "failed": "FAILED", "diverged": "FAILED", INTERRUPTED: "SCHEDULED",
 }  # fmt: skip
 # Where and how a trial ran, in every report and as csl.<key> tags: a cluster can mix GPUs with CPUs that have or
 # lack bf16 units, and a result read without its precision could not be compared.

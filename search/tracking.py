@@ -32,6 +32,7 @@ ERROR_TAG = "csl.error"
 PARENT_TAG = "mlflow.parentRunId"
 SEARCH_TAG = "csl.search"  # marks a parent (search) run: value = the Ray experiment folder
 CONFIG_TAG = "csl.config_hash"  # a child run's trial config as proposed (config_fingerprint): set when it is created
+NOTE_TAG = "mlflow.note.content"  # what MLflow's UI shows as an experiment's (or run's) description
 
 
 
@@ -106,23 +107,59 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+def ensure_experiment(client: Any, name: str, artifact_location: str | None, description: str = "") -> str:
     """The id of the MLflow experiment ``name``, created (or restored from the trash) when needed.
 
-    Another search may create it between the look-up and the creation: then its id is looked up again.
+    ``description`` (the space's) becomes the experiment's description in MLflow's UI (the tag
+    ``mlflow.note.content``) when the experiment is created, or when an existing one has none: a description
+    someone wrote in the UI is never overwritten. Another search may create the experiment between the look-up and
+    the creation: then its id is looked up again.
     """
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # noqa: BLE001 - MlflowException RESOURCE_ALREADY_EXISTS, or the store's integrity error
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        tags = {NOTE_TAG: description} if description else None
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
+        except Exception:  # noqa: BLE001 - MlflowException RESOURCE_ALREADY_EXISTS, or the store's integrity error
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    if description and not experiment.tags.get(NOTE_TAG):
+        client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, description)
+    return experiment.experiment_id
+
+
+def runs_url(server: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow 3 UI's page of an experiment's runs (or of one run), in its "Model training" view.
+
+    MLflow 3.17 opens an experiment on its GenAI view (Traces); its bundled UI (``getExperimentPageTabRoute``,
+    ``experimentPageTabRuns``) reads the view from the ``workflowType`` query parameter.
+    """
+    page = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}{'/' + run_id if run_id else ''}?workflowType=machine_learning"
+
+
+def compare_url(server: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's compare view of ``run_ids`` (parallel coordinates, metric and param tables)."""
+    from urllib.parse import quote
+
+    runs, experiments = json.dumps(list(run_ids)), json.dumps([experiment_id])
+    return f"{server.rstrip('/')}/#/compare-runs?runs={quote(runs)}&experiments={quote(experiments)}"
+
+
+def trial_run_name(params: Mapping[str, Any], trial_id: str) -> str:
+    """A trial's MLflow run name: its five aspects as it trains (presets filled in) and a short id.
+
+    ``simclr·resnet18·last_vector·cosine·infonce·a47a``: what the trial is, readable in the runs table and the
+    compare view; the short id (the trial id's first four characters) tells apart trials of one design with other
+    hyperparameters. ``csl.trial_id`` holds the whole id.
+    """
+    from search.space.schema import ASPECT_KEYS
+
+    parts = [str(params.get(key) or "-") for key in ASPECT_KEYS]
+    return "·".join([*parts, str(trial_id)[:4]])
 
 
 def git_commit(folder: str | Path) -> str | None:

@@ -6,6 +6,17 @@ function; this module saves into a temporary folder, adds the epoch's result as 
 returns), and resumes from ``tune.get_checkpoint()`` when Tune restarts the trial (retry after a failure,
 resumed search, PBT exploit).
 
+Every report with a checkpoint also carries the trial's running best (``search.best``, by the search's metric and
+mode: ``csl_best_epoch`` / ``csl_best_value``) and ``csl_checkpoint_score``, the attribute Tune keeps its best
+checkpoint by (``CheckpointConfig(checkpoint_score_attribute=..., checkpoint_score_order="max")``): the epoch itself
+when that epoch becomes the new best, else 0. Tune ranks a NaN score below every number and puts a checkpoint whose
+score equals an earlier one above it (the later wins a tie: ``ray.train._internal.checkpoint_manager``), so the
+metric itself cannot be the score: epochs without evaluation (NaN) and equal values would keep the wrong epoch.
+With the epoch as the score, the kept checkpoint of highest score is the last epoch that improved, which is
+``search.best``'s best epoch exactly (strictly better only; the earliest of equal values). Tune also keeps the
+latest checkpoint whatever its score, and a resume continues from that one. A resumed trial takes its running best
+from the checkpoint it continues from.
+
 Every report also says where and how the trial ran (Ray node id, node IP, hostname, and ``precision``: bf16
 where ``amp`` found native bf16 on the trial's device, else float32), so the results table can show how trials
 spread over a cluster.
@@ -37,6 +48,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from csl.best import NONE, Best, finite, improves
 from search.status import EPOCH_METRICS
 
 RESULT_FILE = "csl_result.json"  # the epoch's reported result, kept beside the trainer's state in a checkpoint
@@ -47,6 +59,9 @@ ENDED_ENV = "CSL_ENDED_TRIALS"  # path or URI of the ended-trials file: the last
 # then uploads that folder over the experiment folder at every snapshot, which would put back the stale copy of a
 # .json file that the driver adds to during the search.
 ENDED_FILE = "ended_trials.jsonl"
+SCORE = "csl_checkpoint_score"  # what Tune keeps the best checkpoint by (module docstring)
+BEST_EPOCH = "csl_best_epoch"  # the trial's best epoch so far (0: none yet), in every report with a checkpoint
+BEST_VALUE = "csl_best_value"  # its value (NaN: none yet)
 
 
 def _node(config: Mapping[str, Any]) -> dict[str, str]:
@@ -155,10 +170,34 @@ def _failure(metric_names: set[str], epoch: int, node: Mapping[str, str], **fiel
     return final
 
 
-def csl_trial(config: Mapping[str, Any], worker_resources: Mapping[str, float] | None = None) -> None:
+def running_best(result: Mapping[str, Any] | None) -> Best:
+    """The running best a report carried (``BEST_EPOCH`` / ``BEST_VALUE``): what a resumed trial continues from."""
+    result = result or {}
+    epoch, value = result.get(BEST_EPOCH), result.get(BEST_VALUE)
+    if isinstance(epoch, int) and epoch > 0 and finite(value):
+        return Best(epoch, float(value))
+    return NONE
+
+
+def scored(result: dict[str, Any], best: Best, metric: str | None, mode: str | None) -> Best:
+    """Add the running best and the checkpoint score to an epoch's ``result``; return the new running best."""
+    epoch = int(result["epoch"])
+    improved = metric is not None and mode is not None and improves(best, result.get(metric), mode)
+    if improved:
+        best = Best(epoch, float(result[metric]))
+    result[SCORE] = float(epoch) if improved else 0.0
+    result[BEST_EPOCH] = int(best.epoch or 0)
+    result[BEST_VALUE] = float(best.value) if best.found else math.nan
+    return best
+
+
+def csl_trial(config: Mapping[str, Any], metric: str | None = None, mode: str | None = None,
+              worker_resources: Mapping[str, float] | None = None) -> None:
     """Train one config, reporting ``epoch``, the trainer's metrics and a checkpoint after every epoch.
 
-    ``worker_resources``: given to a trial of several Ray Train workers (``search.train_trial``), each worker's."""
+    ``metric`` / ``mode``: the search's, for the running best and the checkpoint score (``tune.with_parameters``).
+    ``worker_resources``: given to a trial of several Ray Train workers (``search.train_trial``), each worker's.
+    """
     from ray import tune
 
     from csl.train import Diverged, train
@@ -167,17 +206,19 @@ def csl_trial(config: Mapping[str, Any], worker_resources: Mapping[str, float] |
     if worker_resources is not None:
         from search.train_trial import multi_worker_trial
 
-        multi_worker_trial(config, node, worker_resources)
+        multi_worker_trial(config, node, worker_resources, metric=metric, mode=mode)
         return
     metric_names: set[str] = set()
     reports = 0
     last_epoch = 0
+    best = NONE
 
     def report(epoch: int, metrics: Mapping[str, float], save_checkpoint: Callable[[Path], None]) -> None:
-        nonlocal reports, last_epoch
+        nonlocal reports, last_epoch, best
         metric_names.update(metrics)
         # An epoch without evaluation (eval_every > 1) still carries every metric Tune checks for; NaN = none.
         result = {**{name: math.nan for name in EPOCH_METRICS}, **metrics, "epoch": int(epoch), "diverged": 0, **node}
+        best = scored(result, best, metric, mode)
         with tempfile.TemporaryDirectory(prefix="csl-ckpt-") as folder:
             tune.report(result, checkpoint=_checkpoint_folder(result, save_checkpoint, folder))
         reports += 1
@@ -203,6 +244,7 @@ def csl_trial(config: Mapping[str, Any], worker_resources: Mapping[str, float] |
                 tune.report({**last, **node})  # over already: say again how it ended, train nothing
                 return
             last_epoch = int((last or {}).get("epoch") or 0)
+            best = running_best(last)
             train(dict(config), callback=report, resume_from=folder)
         if reports == 0 and last is not None:
             # Resumed from the checkpoint of the last epoch: nothing left to train, so say again how it ended.
@@ -211,6 +253,8 @@ def csl_trial(config: Mapping[str, Any], worker_resources: Mapping[str, float] |
         # The epoch's metrics where they are finite (the exploded loss is kept: it is the record of the explosion).
         epoch_metrics = {k: v for k, v in exc.metrics.items() if isinstance(v, float) and math.isfinite(v)}
         final = _failure(metric_names, exc.epoch, node, diverged=1, error=str(exc), **epoch_metrics)
+        # It carries a checkpoint (the record that the trial is over), never a best one: no trainer state in it.
+        final.update({SCORE: 0.0, BEST_EPOCH: int(best.epoch or 0), BEST_VALUE: best.value if best.found else math.nan})
         with tempfile.TemporaryDirectory(prefix="csl-ckpt-") as folder:
             tune.report(final, checkpoint=_checkpoint_folder(final, None, folder))
     except ValueError as exc:

@@ -102,7 +102,8 @@ def scripted(tmp_path_factory, mlflow_server) -> dict[str, Any]:
     from ray import tune
 
     with local_ray(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(search.run, "_trainable", lambda resources: tune.with_resources(scripted_trial, dict(resources)))
+        patch.setattr(search.run, "_trainable",
+                      lambda resources, *score: tune.with_resources(scripted_trial, dict(resources)))
         return run_space(tmp_path_factory.mktemp("scripted"), SCRIPTED_SPACE, "scripted", mlflow_server)
 
 

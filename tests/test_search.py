@@ -198,7 +198,7 @@ def test_trial_statuses_and_metric_history(main_search: dict[str, Any]) -> None:
     client = MlflowClient(main_search["uri"])
     parent_id = json.loads((main_search["path"] / "csl_search.json").read_text())["parent_run_id"]
     kids = {k.data.params["variant"]: k for k in children(client, parent_id)}
-    run_status = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "diverged": "FAILED"}
+    run_status = {"finished": "FINISHED", "stopped": "FINISHED", "failed": "FAILED", "diverged": "FAILED"}
 
     trained = [kids[v] for v in ("base", "lr3", "infonce", "tau1")]
     for kid in trained:
@@ -553,7 +553,7 @@ def test_resume_adopts_or_retires_the_runs_of_trials_tune_lost(tmp_path: Path, m
     d.report(first, 1)  # d: an epoch logged, not yet in a snapshot
     # b: started, nothing reported; e: started, and the resumed searcher proposes another config in its place
     runs = {t.trial_id: first.find_run(t.trial_id) for t in (a, b, c, d, e)}
-    assert runs["c0000000"].info.status == "KILLED" and runs["b0000000"].info.status == "RUNNING"
+    assert runs["c0000000"].info.status == "FINISHED" and runs["b0000000"].info.status == "RUNNING"
 
     # The driver dies (no on_experiment_end); the resumed driver unpickles the callback and restores a only.
     second = pickle.loads(pickle.dumps(first))
@@ -583,7 +583,7 @@ def test_resume_adopts_or_retires_the_runs_of_trials_tune_lost(tmp_path: Path, m
     for lost in "bcd":
         kid = kids[f"{lost}1111111"]
         assert kid.info.run_id == runs[f"{lost}0000000"].info.run_id  # the replay continued the lost trial's run
-        assert kid.data.tags[REPLAYS_TAG] == f"{lost}0000000" and kid.info.run_name == f"csl_trial_{lost}1111111"
+        assert kid.data.tags[REPLAYS_TAG] == f"{lost}0000000" and kid.info.run_name == f"simclr·resnet50·last_vector·cosine·infonce·{lost}111"
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "ssl_loss")]
         assert steps == [1] if lost == "c" else steps == [1, 2], (lost, steps)
     assert kids["c1111111"].info.end_time == runs["c0000000"].info.end_time  # its end stands untouched

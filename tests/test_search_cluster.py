@@ -30,6 +30,18 @@ params:
 """
 
 
+def _alive_nodes(address: str) -> set[str]:
+    """The cluster's live node ids, asked from a child process: Ray caches its auth mode in the process that first
+    inits, and an in-process client with auth disabled makes a later local instance of this test session (token
+    auth) fail to start."""
+    code = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); " \
+           "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))"
+    listed = subprocess.run([sys.executable, "-c", code, address], env=search_env(RAY_AUTH_MODE="disabled"),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    return set(listed.stdout.split())
+
+
 def test_search_spreads_trials_over_both_nodes(ray_cluster: str, tmp_path: Path) -> None:
     # Two trials in flight (--max-concurrent 2; without it Tune keeps one pending at a time for a custom searcher),
     # each long enough (256 images, 2 epochs) that the worker node's first actor has started before the head's
@@ -45,14 +57,7 @@ def test_search_spreads_trials_over_both_nodes(ray_cluster: str, tmp_path: Path)
     rows = pq.read_table(tmp_path / "cluster" / "results.parquet").to_pylist()
     assert len(rows) == 4 and {r["status"] for r in rows} == {"finished"}
 
-    # Asked from a child process: Ray caches its auth mode in the process that first inits, and an in-process
-    # client with auth disabled makes a later local instance of this test session (token auth) fail to start.
-    code = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); " \
-           "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))"
-    listed = subprocess.run([sys.executable, "-c", code, ray_cluster], env=search_env(RAY_AUTH_MODE="disabled"),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert listed.returncode == 0, listed.stderr[-3000:]
-    nodes = set(listed.stdout.split())
+    nodes = _alive_nodes(ray_cluster)
     assert len(nodes) == 2
     used = {r["node_id"] for r in rows}
     assert used == nodes, (used, nodes)  # every trial ran on a node of the cluster, and both nodes ran trials
@@ -91,9 +96,10 @@ def test_a_trial_of_two_train_workers_spans_both_nodes_under_asha(ray_cluster: s
     experiment = client.get_experiment_by_name("cluster-workers")
     kids = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     assert len(kids) == 2  # one MLflow child per trial, not one per worker
+    nodes = _alive_nodes(ray_cluster)
     for kid in kids:
         assert kid.data.params["workers_per_trial"] == "2"
-        assert kid.data.metrics["workers"] == 2
+        assert set(kid.data.tags["csl.node_id"].split(",")) == nodes  # its two workers: one on each node
         assert [m.step for m in client.get_metric_history(kid.info.run_id, "ssl_loss")]  # epochs arrived
     # Train's own checkpoints live in the trial's folder
     assert list((tmp_path / "workers").glob("*/train/checkpoint_*"))

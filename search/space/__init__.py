@@ -7,7 +7,7 @@ message names the file, the key, the bad value and the allowed values.
 Schema (top-level keys; anything else is an error)
 --------------------------------------------------
 ``name``         str, defaults to the file's stem.
-``description``  str, optional.
+``description``  str, optional; the MLflow experiment's description (``mlflow.note.content``) when a search creates it.
 ``metric``       str, required: the metric the search optimises (as the trainer reports it, e.g. ``knn_acc``).
 ``mode``         required: ``max`` or ``min``.
 ``budget``       required mapping:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from csl.best import MODES  # noqa: F401 - the one list of modes, used here and re-exported
+
 ASPECT_KEYS: tuple[str, ...] = ("augment", "encoder", "extract", "similarity", "loss")
 DESIGN_KEYS: tuple[str, ...] = ("method", *ASPECT_KEYS)
 DISTRIBUTIONS: tuple[str, ...] = ("choice", "uniform", "loguniform", "int")
@@ -19,7 +21,6 @@ BUDGET_KEYS: tuple[str, ...] = (
 )
 BUDGET_DEFAULTS: dict[str, Any] = {"grace_period": 1, "reduction_factor": 2}
 CONSTRAINT_KEYS: tuple[str, ...] = ("when", "require", "forbid", "reason")
-MODES: tuple[str, ...] = ("max", "min")
 VARIANT = "variant"
 """Name of the categorical dimension of a ``base``/``variants`` space."""
 BASE = "base"
