@@ -35,7 +35,7 @@ NOISE = re.compile(r"Checkpoint successfully created at|View run .* at: |View ex
                    # cleaner asks the State API, which a local instance without the dashboard does not serve
                    r"Reporting training result \d|Setting up process group for|Started training worker group|"
                    r"^- \(ip=\S+, pid=\d+\) world_rank=|Requesting resources: |Attempting to start training "
-                   r"worker group|Failed to query Ray Train Controller actor state")
+                   r"worker group|Failed to query Ray Train Controller actor state|class name: 'PreemptionWatcher' and ID")
 LOGGERS = ("search", "ray", "mlflow")
 SUPPRESS_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 # MLflow's download bar, drawn when a trial's best model is read back to be logged (search.models)
