@@ -204,8 +204,13 @@ def csl_trial(config: Mapping[str, Any], metric: str | None = None, mode: str | 
 
     node = _node(config)
     if worker_resources is not None:
-        from search.train_trial import multi_worker_trial
+        from search.train_trial import check_workers, multi_worker_trial
 
+        try:
+            check_workers(config)
+        except ValueError as exc:  # the same on every retry: fail now, with the reason (as below)
+            tune.report(_failure(set(), 0, node, failed=1, error=f"{type(exc).__name__}: {exc}"))
+            return
         multi_worker_trial(config, node, worker_resources, metric=metric, mode=mode)
         return
     metric_names: set[str] = set()

@@ -345,6 +345,13 @@ class _Checker:
                 if _is_number(value) and value > limit:
                     raise self.error(key, f"batch_size above train_limit ({limit}): a trial has fewer images "
                                      "than one batch:", value, f"a batch_size from 1 to {limit}")
+        workers = fixed.get("workers_per_trial")
+        if _is_int(workers) and workers > 1:  # every worker trains an equal shard of each batch (csl.distributed)
+            for key, value in self._values("batch_size", fixed, dims):
+                if _is_int(value) and value % workers:
+                    raise self.error(key, f"batch_size not divisible by workers_per_trial ({workers}): each "
+                                     "worker trains an equal shard of every batch:", value,
+                                     f"a multiple of {workers}")
 
     @staticmethod
     def _values(option: str, fixed: Mapping[str, Any], dims: Mapping[str, Dimension]) -> list[tuple[str, Any]]:
