@@ -109,7 +109,7 @@ GOOD = space_text("bad", epochs=1, samples=1)
     (("metric: ssl_loss", "metric: accuracy"), "metric", "knn_acc"),
     (("mode: min", "mode: max"), "mode", "min"),
     (("mode: min", "mode: lowest"), "mode", "max, min"),
-    (("batch_size: 16", "batch_size: 16, workers_per_trial: 3"), "fixed.batch_size", "a multiple of 3"),
+    (("batch_size: 16", "batch_size: 16\n  workers_per_trial: 3"), "fixed.batch_size", "a multiple of 3"),
 ], ids=["negative-batch", "batch-above-limit", "epochs", "metric", "mode-against-metric", "mode",
         "batch-not-divisible-by-workers"])  # fmt: skip
 def test_the_validator_refuses_what_cannot_run(tmp_path: Path, change: tuple[str, str], key: str,
