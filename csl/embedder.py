@@ -115,8 +115,16 @@ def save(embedder: Embedder, description: Mapping[str, Any], folder: str | Path)
 
 
 def load(folder: str | Path) -> Embedder:
-    """The Embedder that ``save`` wrote into ``folder`` (``encoder.pt`` + ``config.json``), in eval mode."""
+    """The Embedder that ``save`` wrote into ``folder`` (``encoder.pt`` + ``config.json``), in eval mode.
+
+    ``folder`` may be an MLflow artifact URI (``runs:/<run id>/encoder``, what every trial of a search logs): it is
+    downloaded from the tracking server that ``MLFLOW_TRACKING_URI`` / ``mlflow.set_tracking_uri`` names."""
     import csl  # noqa: F401 - registers every choice
+
+    if "://" in str(folder) or str(folder).startswith("runs:/"):
+        import mlflow.artifacts
+
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=str(folder))
 
     description = json.loads((Path(folder) / CONFIG_FILE).read_text())
     pipeline, model = _build(description["config"], description["data_stats"])

@@ -7,15 +7,18 @@ state (Tune keeps it: ``search.trainable``'s checkpoint score). It is found by c
 so a folder a resume gave back as a copy of a newer one (``search.recovery.restore_checkpoints``) is never taken
 for it.
 
-What a run holds, the child run of a trial and the parent run of a search (its best trial's):
+What a run holds:
 
-- ``model``: an MLflow PyTorch model in the ``pt2`` format (``torch.export``): ``mlflow.pytorch.load_model(
-  "runs:/<run id>/model")`` gives an ``nn.Module`` from images to the embedding kNN evaluation reads
-  (``csl.embedder``: float32 N×3×S×S in [0, 1] in, float32 N×D out; the signature says the shapes). Chosen over a
-  pickled module or an artifact plus a loader of ours because it loads in one call with torch and MLflow alone,
-  without this project's code or a pickle (MLflow 3.17 refuses to unpickle by default);
-- ``encoder/encoder.pt`` + ``encoder/config.json``: the plain form (``csl.embedder.save``), the same weights as a
-  ``state_dict`` and the resolved config that builds the modules (``csl.embedder.load``);
+- every trial's run, once the trial ended: ``encoder/encoder.pt`` + ``encoder/config.json``, the plain form
+  (``csl.embedder.save``): the best epoch's weights as a ``state_dict`` and the resolved config that builds the
+  modules; ``csl.embedder.load("runs:/<run id>/encoder")`` gives the model in one call;
+- the search's best trial's run and the parent run, when the search ends: also ``model``, an MLflow PyTorch model
+  in the ``pt2`` format (``torch.export``): ``mlflow.pytorch.load_model("runs:/<run id>/model")`` gives an
+  ``nn.Module`` from images to the embedding kNN evaluation reads (``csl.embedder``: float32 N×3×S×S in [0, 1]
+  in, float32 N×D out; the signature says the shapes). Chosen because it loads in one call with torch and MLflow
+  alone, without this project's code or a pickle (MLflow 3.17 refuses to unpickle by default). Only for the best:
+  exporting takes about 2 s of the driver's time per model (measured here on the CPU), the plain form 0.03 s, and a
+  search of hundreds of trials would wait minutes for models nobody asked for;
 - tags ``csl.model_epoch`` (the epoch the model is from) and, where none could be logged, ``csl.model_warning``.
 
 ``csl-search run --register-model NAME`` registers the parent's model as a version of ``NAME``;
@@ -97,6 +100,15 @@ def embedder_at(filesystem: Any, trial_folders: list[str], epoch: int) -> tuple[
 # ------------------------------------------------------------------------------------------------ MLflow
 
 
+def log_plain(client: Any, run_id: str, embedder: Any, description: dict[str, Any]) -> None:
+    """Log ``embedder``'s plain form to run ``run_id`` as ``encoder/`` and tag the epoch it is from."""
+    from csl.embedder import save
+
+    with tempfile.TemporaryDirectory(prefix="csl-encoder-") as folder:
+        client.log_artifacts(run_id, str(save(embedder, description, folder)), ENCODER_DIR)
+    client.set_tag(run_id, EPOCH_TAG, str(description.get("epoch")))
+
+
 def log_model(tracking_uri: str, run_id: str, embedder: Any, description: dict[str, Any], *,
               register: str | None = None) -> Any:  # fmt: skip
     """Log ``embedder`` to run ``run_id`` as ``model`` (pt2, with a signature) and its plain form as ``encoder/``;
@@ -109,7 +121,7 @@ def log_model(tracking_uri: str, run_id: str, embedder: Any, description: dict[s
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from mlflow.types import Schema, TensorSpec
 
-    from csl.embedder import INPUT, save
+    from csl.embedder import INPUT
 
     side = embedder.image_size
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, side, side), "images")]),
@@ -130,9 +142,7 @@ def log_model(tracking_uri: str, run_id: str, embedder: Any, description: dict[s
             metadata={"input": INPUT, "epoch": epoch, "trial_config": description["config"]},
             registered_model_name=register, validate_serving_input=False, await_registration_for=30,
         )  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="csl-encoder-") as folder:
-        client.log_artifacts(run_id, str(save(embedder, description, folder)), ENCODER_DIR)
-    client.set_tag(run_id, EPOCH_TAG, str(epoch))
+    log_plain(client, run_id, embedder, description)
     return info
 
 
@@ -148,7 +158,8 @@ def trial_best(client: Any, run_id: str, metric: str, mode: str) -> best.Best:
 
 def log_trial_model(client: Any, tracking_uri: str, run_id: str, *, filesystem: Any, trial_folders: list[str],
                     metric: str, mode: str) -> bool:  # fmt: skip
-    """Log a trial's best model to its run (module docstring); False, with ``csl.model_warning``, when it has none.
+    """Log a trial's best model, in the plain form, to its run (module docstring); False, with
+    ``csl.model_warning``, when it has none.
 
     Never raises: a model that cannot be logged must not end the search.
     """
@@ -164,7 +175,7 @@ def log_trial_model(client: Any, tracking_uri: str, run_id: str, *, filesystem: 
             return False
         embedder, description = built
         description.update(metric=metric, mode=mode, value=found.value)
-        log_model(tracking_uri, run_id, embedder, description)
+        log_plain(client, run_id, embedder, description)
         return True
     except Exception as exc:  # noqa: BLE001 - the search goes on; the run says why it has no model
         log.exception("could not log the model of MLflow run %s", run_id)
@@ -177,8 +188,9 @@ def log_trial_model(client: Any, tracking_uri: str, run_id: str, *, filesystem: 
 
 def log_search_model(tracking_uri: str, parent_run_id: str, best_run_id: str | None, *,
                      register: str | None = None) -> str:  # fmt: skip
-    """Log the best trial's model (from its run's plain form) on the parent run, registered as ``register`` if
-    given; one line saying where it is, or why there is none. Never raises."""
+    """Log the best trial's model (from its run's plain form) as an MLflow model on its run and on the parent run,
+    the parent's registered as ``register`` if given; one line saying where it is, or why there is none. Never
+    raises."""
     from mlflow import MlflowClient
 
     from csl.embedder import load
@@ -196,7 +208,10 @@ def log_search_model(tracking_uri: str, parent_run_id: str, best_run_id: str | N
                 warn(client, parent_run_id, message)
                 return f"best model: none ({message})"
             description = json.loads((Path(local) / "config.json").read_text())
-            info = log_model(tracking_uri, parent_run_id, load(local), description, register=register)
+            embedder = load(local)
+            if not has_model(client, best_run_id):  # a resume may end on the same best trial
+                log_model(tracking_uri, best_run_id, embedder, description)
+            info = log_model(tracking_uri, parent_run_id, embedder, description, register=register)
         line = f"best model: runs:/{parent_run_id}/{MODEL_NAME} (mlflow.pytorch.load_model)"
         if register:
             version = getattr(info, "registered_model_version", None)
@@ -210,6 +225,14 @@ def log_search_model(tracking_uri: str, parent_run_id: str, best_run_id: str | N
         except Exception:  # noqa: BLE001
             pass
         return f"best model: none ({message})"
+
+
+def has_model(client: Any, run_id: str) -> bool:
+    """Whether run ``run_id`` has an MLflow model (MLflow 3 keeps logged models beside runs, not among their
+    artifacts)."""
+    experiment = client.get_run(run_id).info.experiment_id
+    return bool(client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'",
+                                            max_results=1))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ export

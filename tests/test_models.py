@@ -196,6 +196,9 @@ def test_each_trial_keeps_its_best_and_latest_checkpoint_and_logs_the_best_model
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from ray.tune import ExperimentAnalysis
 
+    import csl.embedder
+    from search.models import has_model
+
     from search.trainable import SCORE
 
     images = fixed_batch()
@@ -212,12 +215,16 @@ def test_each_trial_keeps_its_best_and_latest_checkpoint_and_logs_the_best_model
         best = analysis.get_best_checkpoint(trial, metric=SCORE, mode="max")
         assert Path(best.path) == kept[1]
         assert kid.data.tags["csl.model_epoch"] == "1"
-        with _use_tracking_uri(model_search["uri"]):
-            model = mlflow.pytorch.load_model(f"runs:/{kid.info.run_id}/model")
-        with torch.no_grad():
-            logged = model(images)
-        torch.testing.assert_close(logged, reference_embedding(kept[1], images), rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(logged, reference_embedding(kept[3], images), atol=1e-4)  # not the last epoch
+        best_trial = trial_id == model_search["parent"].data.tags["csl.best_trial"]
+        with _use_tracking_uri(model_search["uri"]), torch.no_grad():
+            models = [csl.embedder.load(f"runs:/{kid.info.run_id}/encoder")]  # every trial: the plain form
+            if best_trial:  # the search's best trial: an MLflow model too
+                models.append(mlflow.pytorch.load_model(f"runs:/{kid.info.run_id}/model"))
+            for model in models:
+                logged = model(images)
+                torch.testing.assert_close(logged, reference_embedding(kept[1], images), rtol=1e-4, atol=1e-5)
+                assert not torch.allclose(logged, reference_embedding(kept[3], images), atol=1e-4)  # not the last
+        assert has_model(model_search["client"], kid.info.run_id) == best_trial
 
 
 def test_every_command_names_the_same_best_trial_and_the_parent_holds_its_model(model_search: dict[str, Any],
