@@ -139,7 +139,8 @@ def test_sigint_pauses_and_resume_finishes_every_trial(tmp_path: Path, mlflow_se
 
     experiment = "csl-test-sigint"
     space = tmp_path / "sigint.yaml"
-    space.write_text(space_text("sigint", epochs=3, samples=2, budget=", max_concurrent_trials: 2"))
+    # 5 epochs: under load one trial must not end before the other has reported its first
+    space.write_text(space_text("sigint", epochs=5, samples=2, budget=", max_concurrent_trials: 2"))
     folder = tmp_path / "runs" / "sigint"
     client = MlflowClient(mlflow_server)
     driver = Driver(["run", str(space), "--scheduler", "fifo", "--storage", str(tmp_path / "runs"), "--name",
@@ -173,7 +174,7 @@ def test_sigint_pauses_and_resume_finishes_every_trial(tmp_path: Path, mlflow_se
     parent = client.get_run(parent_id)
     assert parent.data.tags["csl.search_status"] == "interrupted" and parent.info.status == "SCHEDULED"
     rows = pq.read_table(folder / "results.parquet").to_pylist()
-    assert {r["status"] for r in rows} == {"interrupted"} and all(r["epochs"] < 3 for r in rows)
+    assert {r["status"] for r in rows} == {"interrupted"} and all(r["epochs"] < 5 for r in rows)
     epochs_before = {r["trial_id"]: r["epochs"] for r in rows}
 
     driver = Driver(["resume", str(folder)], tmp_path / "resume.log")
@@ -182,10 +183,10 @@ def test_sigint_pauses_and_resume_finishes_every_trial(tmp_path: Path, mlflow_se
     finally:
         driver.stop()
     rows = check_complete(folder, client, "csl-test-sigint", 2)
-    assert {r["status"] for r in rows} == {"finished"} and {r["epochs"] for r in rows} == {3}
+    assert {r["status"] for r in rows} == {"finished"} and {r["epochs"] for r in rows} == {5}
     assert set(epochs_before) == {r["trial_id"] for r in rows}  # continued, not replaced
     for kid in children(client, experiment):  # each continued from its last checkpoint: no epoch trained twice
-        assert kid.data.tags["csl.epochs_run"] == "3" and kid.info.status == "FINISHED"
+        assert kid.data.tags["csl.epochs_run"] == "5" and kid.info.status == "FINISHED"
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
