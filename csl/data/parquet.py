@@ -263,9 +263,10 @@ def decode_rows(encoded: list[Tensor], is_jpeg: np.ndarray, *, size: int | None,
             elif is_jpeg.all():
                 images = decode_jpeg(encoded, mode=ImageReadMode.RGB)
             else:
-                images = [decode_image(t, mode=ImageReadMode.RGB) for t in encoded]
+                images = [None if j else decode_image(t, mode=ImageReadMode.RGB) for t, j in zip(encoded, is_jpeg)]
                 jpegs = np.flatnonzero(is_jpeg).tolist()
-                for i, image in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB)):
+                for i, image in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB)
+                                    if jpegs else []):
                     images[i] = image
     except RuntimeError as exc:
         raise _undecodable(encoded, 0, where, exc, rows) from None

@@ -120,6 +120,10 @@ class ImageStream:
             num_workers=self.workers,
             collate_fn=self._collate(),
             pin_memory=self.device.type == "cuda",
+            # Its own generator: a DataLoader draws its workers' base seed from torch's global one otherwise, which
+            # would move the global RNG (the model's initialisation, AMDIM's draws) by reading a stream. Nothing
+            # random happens in the workers.
+            generator=torch.Generator(),
         )
         for batch in loader:
             yield self._finish(batch)
