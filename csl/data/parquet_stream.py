@@ -68,6 +68,7 @@ class ParquetStream(ImageStream):
     all_labels: Tensor
     classes: list[str] = field(default_factory=list)
     resize: bool = False
+    device_decode: bool = True  # on a CUDA device, JPEGs decoded there (False: by the workers, as on a CPU)
 
     def __repr__(self) -> str:
         return (f"ParquetStream({self.name!r}, {len(self)}×3×{self.image_size}×{self.image_size} uint8, "
@@ -110,7 +111,7 @@ class ParquetStream(ImageStream):
     @property
     def gpu_decode(self) -> bool:
         """Whether batches are decoded on the device: a CUDA device, and JPEGs only (nvJPEG reads nothing else)."""
-        return self.device.type == "cuda" and bool(self.is_jpeg[self.indices.numpy()].all())
+        return self.device_decode and self.device.type == "cuda" and bool(self.is_jpeg[self.indices.numpy()].all())
 
     def _dataset(self) -> Dataset:
         return _Rows(self, decode=not self.gpu_decode)
