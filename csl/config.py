@@ -76,7 +76,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 # Options whose values are names, with the allowed ones, checked by resolve so that a space file naming a wrong one
 # fails when it is loaded (csl.model.encode_views says what the two views options do; csl.extract.heads the heads).
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS,
-                                              "labels": LABEL_MODES, "data_stream": STREAM_MODES, "sync_bn": SYNC_BN, "lr_scaling": LR_SCALING}
+                                              "labels": LABEL_MODES, "data_stream": STREAM_MODES, "sync_bn": SYNC_BN,
+                                              "lr_scaling": LR_SCALING}
 
 
 MAX_EPOCHS = 100_000
