@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from csl.data import STREAM_MODES
 from csl.data.folder import LABEL_MODES
 from csl.distributed import LR_SCALING, SYNC_BN
 from csl.extract.heads import HEADS
@@ -23,6 +24,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "data_root": None,
     "download": False,
     "labels": "auto",  # the SSL data's labels: auto (what it has) or none (read unlabelled; csl.data)
+    # Parquet sets: on, streamed (encoded bytes in memory, batches decoded by DataLoader workers, on a GPU decoded
+    # there); off, decoded whole into memory; auto, streamed when the decoded set would take over a quarter of the
+    # memory available (csl.data.STREAM_SHARE). imagefolder: always streams; the torchvision sets never do.
+    "data_stream": "auto",
     "train_limit": None,
     "test_limit": None,  # the evaluation queries: the test split of eval_data, else of data
     # A labelled set for kNN (its train split the bank, cut to eval_train_limit; its test split the queries, cut
@@ -71,7 +76,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 # Options whose values are names, with the allowed ones, checked by resolve so that a space file naming a wrong one
 # fails when it is loaded (csl.model.encode_views says what the two views options do; csl.extract.heads the heads).
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {"encode_views": ("joint", "separate"), "head": HEADS,
-                                              "labels": LABEL_MODES, "sync_bn": SYNC_BN, "lr_scaling": LR_SCALING}
+                                              "labels": LABEL_MODES, "data_stream": STREAM_MODES, "sync_bn": SYNC_BN,
+                                              "lr_scaling": LR_SCALING}
 
 
 MAX_EPOCHS = 100_000

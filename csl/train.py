@@ -108,29 +108,30 @@ def uses_bf16(config: Mapping[str, Any], device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(spec: str, split: str, root: str | None, download: bool, limit: int | None,
-                 labels: str = "auto") -> Any:
+                 labels: str = "auto", stream: str = "auto") -> Any:
     """Decode a dataset once per process: a search worker reused across trials (reuse_actors) decodes it once."""
-    return datasets.load(spec, split=split, root=root, download=download, limit=limit, labels=labels)
+    return datasets.load(spec, split=split, root=root, download=download, limit=limit, labels=labels, stream=stream)
 
 
 def load_data(config: Mapping[str, Any]) -> tuple[Any, Any | None]:
     """The SSL training set, and the data's test split where evaluation reads it (labelled data, no eval_data)."""
     spec, root, download = config["data"], config.get("data_root"), bool(config.get("download"))
-    labels = config.get("labels", "auto")
+    labels, stream = config.get("labels", "auto"), config.get("data_stream", "auto")
     train_split = "train+unlabeled" if spec == "stl10" else "train"
-    train = _load_cached(spec, train_split, root, download, config.get("train_limit"), labels)
+    train = _load_cached(spec, train_split, root, download, config.get("train_limit"), labels, stream)
     if config.get("eval_data") or not datasets.is_labelled(train):
         return train, None
-    return train, _load_cached(spec, "test", root, download, config.get("test_limit"), labels)
+    return train, _load_cached(spec, "test", root, download, config.get("test_limit"), labels, stream)
 
 
 def load_eval_data(config: Mapping[str, Any]) -> tuple[Any, Any]:
     """``eval_data``'s train split (the kNN bank, cut to ``eval_train_limit``) and test split (cut to test_limit)."""
     spec, root, download = config["eval_data"], config.get("data_root"), bool(config.get("download"))
-    bank = _load_cached(spec, "train", root, download, config.get("eval_train_limit"))
+    stream = config.get("data_stream", "auto")
+    bank = _load_cached(spec, "train", root, download, config.get("eval_train_limit"), "auto", stream)
     if not datasets.is_labelled(bank):
         raise ValueError(f"eval_data '{spec}' has no labels; name a labelled set (kNN reads its labels)")
-    return bank, _load_cached(spec, "test", root, download, config.get("test_limit"))
+    return bank, _load_cached(spec, "test", root, download, config.get("test_limit"), "auto", stream)
 
 
 def hold_out(data: Any, size: int) -> tuple[Any, Any | None]:
@@ -186,9 +187,13 @@ class Run:
         torch.manual_seed(cfg["seed"])
         self.device = pick_device(cfg["device"])
         # Several workers (csl.distributed): each trains on its shard of every global batch, with views drawn by its
-        # own generator; the batch order comes from the run's generator, the same on every worker.
+        # own generator; the batch order comes from the run's generator, the same on every worker, and each worker
+        # reads (a stream: decodes) only its rows of each batch.
         self.rank, self.workers = world()
-        self.shard = shard(cfg["batch_size"], self.rank, self.workers) if self.workers > 1 else None
+        self.shard: tuple[int, int] | None = None
+        if self.workers > 1:
+            shard(cfg["batch_size"], self.rank, self.workers)  # the batch splits into equal shards, or say why not
+            self.shard = (self.rank, self.workers)
         train_data, test_data = data if data is not None else load_data(cfg)
         self._set_data(train_data, test_data)
         mean, std = self.train_data.mean_std()
@@ -288,10 +293,9 @@ class Run:
             group["lr"] = base * factor
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimisation step; returns the loss as a device tensor (no host synchronisation)."""
+        """One optimisation step on this worker's images (of several workers: its shard of the global batch, as
+        ``batches(..., shard=self.shard)`` reads it); returns the loss as a device tensor (no host synchronisation)."""
         self._set_lr()
-        if self.shard is not None:
-            images, labels = images[self.shard], labels[self.shard]
         view_a, view_b = self.pipeline(images, self.augment_generator)
         if self.channels_last and view_a.dim() == 4:
             view_a = view_a.contiguous(memory_format=torch.channels_last)
@@ -324,14 +328,14 @@ class Run:
         start = time.perf_counter()
         total = torch.zeros((), device=self.device)
         seen = 0
-        for images, labels in self.train_data.batches(self.config["batch_size"], self.generator):
+        for images, labels in self.train_data.batches(self.config["batch_size"], self.generator, shard=self.shard):
             step_loss = self.train_step(images.to(self.device, non_blocking=True), labels.to(self.device))
             if self.initial_loss is None:
                 self.initial_loss = float(step_loss)  # once per run: the only synchronisation inside an epoch
             total += step_loss
-            seen += images.shape[0]
+            seen += images.shape[0] * self.workers  # the global batch: each worker read its shard of it
             if progress is not None:
-                progress(images.shape[0])
+                progress(images.shape[0] * self.workers)
         loss = float(total) / max(1, self.steps_per_epoch)  # the epoch's one synchronisation
         elapsed = time.perf_counter() - start
         self.epoch += 1

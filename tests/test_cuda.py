@@ -160,3 +160,31 @@ def test_knn_on_cuda_matches_cpu() -> None:
     cpu = knn_accuracy(bank, bank_labels, query, query_labels, k=20, num_classes=10)
     gpu = knn_accuracy(bank.cuda(), bank_labels.cuda(), query.cuda(), query_labels.cuda(), k=20, num_classes=10)
     assert cpu == gpu
+
+
+@pytest.mark.parametrize("image_size", [None, 96])
+def test_streamed_parquet_decodes_jpegs_on_the_gpu(image_size: int | None) -> None:
+    """A streamed parquet set on CUDA decodes its JPEG batches there (nvJPEG) and resizes them there: the same
+    images and labels, in the same order, as the CPU workers' libjpeg-turbo decoding, to a few levels of IDCT and
+    upsampling rounding; a shard reads its slice."""
+    from csl.data import ParquetStream, load
+
+    streamed = load("cifar10-mini", limit=128, stream="on", image_size=image_size, workers=1)
+    assert isinstance(streamed, ParquetStream)
+    on_gpu = streamed.to("cuda")
+    assert on_gpu.gpu_decode and not streamed.gpu_decode
+    cpu_batches = list(streamed.batches(32, torch.Generator().manual_seed(4)))
+    gpu_batches = list(on_gpu.batches(32, torch.Generator().manual_seed(4)))
+    assert len(cpu_batches) == len(gpu_batches) == 4
+    side = image_size or 32
+    for (x_cpu, y_cpu), (x_gpu, y_gpu) in zip(cpu_batches, gpu_batches):
+        assert x_gpu.is_cuda and x_gpu.dtype == torch.uint8 and x_gpu.shape == (32, 3, side, side)
+        assert torch.equal(y_gpu.cpu(), y_cpu)
+        difference = (x_gpu.cpu().int() - x_cpu.int()).abs().float()
+        assert float(difference.mean()) < 1.0 and float(difference.max()) <= 48
+    shard = list(on_gpu.batches(32, torch.Generator().manual_seed(4), shard=(1, 2)))
+    for (x_shard, y_shard), (x_whole, y_whole) in zip(shard, gpu_batches, strict=True):  # nvJPEG may pick another
+        assert torch.equal(y_shard, y_whole[16:])  # backend for a smaller batch: the pixels to its rounding
+        assert float((x_shard.int() - x_whole[16:].int()).abs().float().mean()) < 1.0
+    run = Run(tiny(method="simclr", device="cuda", data_stream="on", label_free_samples=0))
+    assert run.train_data.gpu_decode and torch.isfinite(torch.tensor(run.train_epoch()["ssl_loss"]))

@@ -13,25 +13,25 @@ image under the folder and its subfolders, unlabelled: folders that are not clas
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import make_dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
-from csl.data.image_data import Stats, balanced_indices, permutation, uint8_mean_std
+from csl.data.image_data import balanced_indices
 from csl.data.parquet import SPLIT_NAMES, quiet_image_io
+from csl.data.stream import ImageStream, ResizeCrop, default_workers
 
 DEFAULT_IMAGE_SIZE = 96
 """Side of the images an ``imagefolder:`` set yields: STL-10's size, a common one for self-supervised
 learning at modest cost (ImageNet-style 224 is 5.4× the pixels); pass ``image_size`` to change it."""
-
 
 
 def read_image(path: str) -> Tensor:
@@ -52,19 +52,6 @@ def read_image(path: str) -> Tensor:
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             reason = str(first).strip().splitlines()[0][:200] if str(first).strip() else type(exc).__name__
             raise ValueError(f"{path}: not a readable image ({reason})") from None
-
-
-class ResizeCrop:
-    """Resize the short side to ``size`` (antialiased) and crop the centre square: uint8 3×size×size."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, image: Tensor) -> Tensor:
-        if image.shape[-2:] != (self.size, self.size):
-            image = F.resize(image, [self.size], antialias=True)
-            image = F.center_crop(image, [self.size, self.size])
-        return image.contiguous()
 
 
 LABEL_MODES = ("auto", "none")
@@ -104,12 +91,6 @@ class _Items(Dataset):
         self.folder = folder
         self.indices = indices
 
-    def __repr__(self) -> str:
-        return (
-            f"ImageFolderStream({self.name!r}, {len(self)}×3×{self.image_size}×{self.image_size} uint8, "
-            f"{self.num_classes} classes, {self.workers} workers, {self.device})"
-        )
-
     def __len__(self) -> int:
         return len(self.indices)
 
@@ -130,16 +111,8 @@ def split_folder(path: str | os.PathLike, split: str) -> Path:
     return path
 
 
-def default_workers() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return min(8, cores)
-
-
-@dataclass
-class ImageFolderStream:
+@dataclass(kw_only=True)
+class ImageFolderStream(ImageStream):
     """Images under ``root/<class>/<file>`` (or unlabelled under ``root``), read in batches of uint8 N×3×S×S
     (S = ``image_size``).
 
@@ -149,12 +122,13 @@ class ImageFolderStream:
     """
 
     folder: ImageFolder  # or an UnlabeledImageFolder
-    indices: Tensor
     image_size: int = DEFAULT_IMAGE_SIZE
-    workers: int = 0
-    name: str = ""
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    _stats: Stats | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageFolderStream({self.name!r}, {len(self)}×3×{self.image_size}×{self.image_size} uint8, "
+            f"{self.num_classes} classes, {self.workers} workers, {self.device})"
+        )
 
     @classmethod
     def open(
@@ -187,9 +161,6 @@ class ImageFolderStream:
             name=name or f"imagefolder:{root}",
         )
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     @property
     def classes(self) -> list[str]:
         return list(self.folder.classes)
@@ -203,52 +174,5 @@ class ImageFolderStream:
         """int64 labels in the order of ``ordered_batches`` (cheap: from the file list, no decoding)."""
         return torch.as_tensor(self.folder.targets, dtype=torch.int64)[self.indices]
 
-    def to(self, device: torch.device | str) -> ImageFolderStream:
-        """The same set, its batches delivered on ``device``."""
-        return replace(self, device=torch.device(device))
-
-    def subset(self, indices: Tensor) -> ImageFolderStream:
-        """The images at ``indices`` (positions in this set's order); its mean and std are estimated anew."""
-        return replace(self, indices=self.indices[indices.cpu()], _stats=None)
-
-    def _iterate(self, order: Tensor, batch_size: int, drop_last: bool) -> Iterator[tuple[Tensor, Tensor]]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(order)
-        stop = n - n % batch_size if drop_last else n
-        order_list = order.tolist()
-        batch_sampler = [order_list[i : i + batch_size] for i in range(0, stop, batch_size)]
-        if not batch_sampler:
-            return
-        loader = DataLoader(
-            _Items(self.folder, self.indices.tolist()),
-            batch_sampler=batch_sampler,
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        for images, labels in loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator, *, drop_last: bool = True
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """One shuffled epoch, in the order ``torch.randperm(len(self), generator=generator)``."""
-        return self._iterate(permutation(len(self), generator, "cpu"), batch_size, drop_last)
-
-    def ordered_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """All images in order, the last batch possibly smaller (for evaluation)."""
-        return self._iterate(torch.arange(len(self)), batch_size, False)
-
-    def mean_std(self, sample: int = 2048, batch_size: int = 256) -> Stats:
-        """Per-channel mean and std in [0, 1], estimated from ``sample`` images drawn with a fixed seed.
-
-        Computed once and remembered (for the default arguments).
-        """
-        if self._stats is not None and sample == 2048:
-            return self._stats
-        generator = torch.Generator().manual_seed(0)
-        chosen = permutation(len(self), generator, "cpu")[:sample]
-        stats = uint8_mean_std(images for images, _ in self._iterate(chosen, batch_size, False))
-        if sample == 2048:
-            self._stats = stats
-        return stats
+    def _dataset(self) -> Dataset:
+        return _Items(self.folder, self.indices.tolist())

@@ -134,20 +134,30 @@ class ImageData:
         return uint8_mean_std(self.images[i : i + chunk] for i in range(0, len(self), chunk))
 
     def batches(
-        self, batch_size: int, generator: torch.Generator, *, drop_last: bool = True
+        self, batch_size: int, generator: torch.Generator, *, drop_last: bool = True,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """One shuffled epoch of (uint8 images, int64 labels) on the data's device.
 
         The order is ``torch.randperm(n, generator=generator)``: the same generator state gives the same order.
-        With ``drop_last`` (the default, for training) a last incomplete batch is left out.
+        With ``drop_last`` (the default, for training) a last incomplete batch is left out. ``shard=(rank, size)``:
+        only worker ``rank``'s rows of every batch (``csl.distributed.shard``), the same global order on every one.
         """
+        from csl.distributed import shard as shard_slice
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        part = slice(None)
+        if shard is not None and shard[1] > 1:
+            if not drop_last:
+                raise ValueError("a shard of the batches needs drop_last (a last incomplete batch does not split "
+                                 "evenly)")
+            part = shard_slice(batch_size, *shard)
         n = len(self)
         perm = permutation(n, generator, self.images.device)
         stop = n - n % batch_size if drop_last else n
         for i in range(0, stop, batch_size):
-            index = perm[i : i + batch_size]
+            index = perm[i : i + batch_size][part]
             yield self.images[index], self.labels[index]
 
     def ordered_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,9 @@ def _bytes_array(column: pa.ChunkedArray) -> pa.Array:
     return array
 
 
-def _to_tensors(array: pa.Array) -> tuple[list[Tensor], np.ndarray]:
-    """One uint8 tensor per image, all views of a single copied buffer; and which of them are JPEGs."""
+def bytes_and_offsets(array: pa.Array) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    """Every image's bytes in one copied uint8 buffer, the int64 offsets (image i is ``data[o[i]:o[i+1]]``), and
+    which images are JPEGs."""
     offset_type = np.int64 if pa.types.is_large_binary(array.type) else np.int32
     _, offsets_buf, data_buf = array.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=offset_type)[array.offset : array.offset + len(array) + 1]
@@ -97,7 +99,12 @@ def _to_tensors(array: pa.Array) -> tuple[list[Tensor], np.ndarray]:
     start, stop = int(offsets[0]), int(offsets[-1])
     data = torch.from_numpy(np.frombuffer(data_buf, dtype=np.uint8)[start:stop].copy())
     offsets -= start
-    is_jpeg = _is_jpeg(data.numpy(), offsets)
+    return data, offsets, _is_jpeg(data.numpy(), offsets)
+
+
+def _to_tensors(array: pa.Array) -> tuple[list[Tensor], np.ndarray]:
+    """One uint8 tensor per image, all views of a single copied buffer; and which of them are JPEGs."""
+    data, offsets, is_jpeg = bytes_and_offsets(array)
     bounds = offsets.tolist()
     return [data[bounds[i] : bounds[i + 1]] for i in range(len(array))], is_jpeg
 
@@ -113,15 +120,17 @@ def _is_jpeg(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return is_jpeg
 
 
-def _undecodable(encoded: list[Tensor], start: int, where: str, error: Exception) -> ValueError:
-    """The first image of a chunk that does not decode, named by row (the batched decoder does not say which)."""
+def _undecodable(encoded: list[Tensor], start: int, where: str, error: Exception,
+                 rows: list[int] | None = None) -> ValueError:  # fmt: skip
+    """The first image of a chunk that does not decode, named by row (the batched decoder does not say which);
+    ``rows``: the file's row of each image, where they are not their positions."""
     for i in range(start, len(encoded)):
         try:
             with quiet_image_io():
                 decode_image(encoded[i], mode=ImageReadMode.RGB)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return ValueError(f"{where}row {i}: not a decodable image ({first[:200]})")
+            return ValueError(f"{where}row {i if rows is None else rows[i]}: not a decodable image ({first[:200]})")
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ValueError(f"{where}rows {start}-{len(encoded) - 1}: images do not decode ({first[:200]})")
 
@@ -187,10 +196,18 @@ def has_label_column(file: str | os.PathLike) -> bool:
     return _pick(pq.read_schema(file).names, LABEL_COLUMNS) is not None
 
 
-def load_parquet(
-    path: str | os.PathLike, *, split: str = "train", limit: int | None = None, name: str = ""
-) -> ImageData:
-    """The ``split`` of a parquet image set (see the module doc), decoded whole into an ``ImageData``."""
+@dataclass
+class ParquetTable:
+    """What a parquet image set holds, read but not decoded: its kept rows' encoded bytes, labels and classes."""
+
+    file: Path
+    encoded: pa.Array  # binary, one encoded image per kept row
+    labels: Tensor
+    classes: list[str]
+
+
+def read_parquet(path: str | os.PathLike, *, split: str = "train", limit: int | None = None) -> ParquetTable:
+    """The ``split`` of a parquet image set (see the module doc), its images left encoded, cut to ``limit``."""
     file = parquet_file(path, split)
     try:
         schema = pq.read_schema(file)
@@ -216,8 +233,6 @@ def load_parquet(
         labels = labels[keep]
     if len(images_array) == 0:
         raise ValueError(f"{file}: no images" + (f" (limit={limit})" if limit is not None else ""))
-    encoded, is_jpeg = _to_tensors(images_array)
-    images = decode_images(encoded, is_jpeg=is_jpeg, where=f"{file}: ")
 
     metadata = schema.metadata or {}
     if b"classes" in metadata:
@@ -226,4 +241,68 @@ def load_parquet(
         classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
     if len(labels) and int(labels.max()) >= len(classes):
         raise ValueError(f"{file}: label {int(labels.max())} but only {len(classes)} classes in its metadata")
-    return ImageData(images=images, labels=labels, classes=classes, name=name or f"parquet:{file}")
+    return ParquetTable(file=file, encoded=images_array, labels=labels, classes=classes)
+
+
+def decode_rows(encoded: list[Tensor], is_jpeg: np.ndarray, *, size: int | None, rows: list[int] | None = None,
+                where: str = "", device: torch.device | str = "cpu") -> Tensor:  # fmt: skip
+    """Decode a batch of encoded images to uint8 N×3×S×S, each resized and centre-cropped to ``size``
+    (``csl.data.stream.ResizeCrop``); with ``size`` None they keep their size, which all must share.
+
+    What a streamed parquet set's workers do to every batch, and what the in-memory set does with ``image_size``,
+    so that both give the same pixels. ``device`` cuda: the JPEGs (all must be) are decoded on the GPU in one call
+    and resized there. ``rows`` names the images in messages (default: their positions).
+    """
+    from csl.data.stream import ResizeCrop
+
+    on_gpu = torch.device(device).type == "cuda"
+    try:
+        with quiet_image_io():
+            if on_gpu:
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            elif is_jpeg.all():
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB)
+            else:
+                images = [None if j else decode_image(t, mode=ImageReadMode.RGB) for t, j in zip(encoded, is_jpeg)]
+                jpegs = np.flatnonzero(is_jpeg).tolist()
+                for i, image in zip(jpegs, decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB)
+                                    if jpegs else []):
+                    images[i] = image
+    except RuntimeError as exc:
+        raise _undecodable(encoded, 0, where, exc, rows) from None
+    if size is not None:
+        resize = ResizeCrop(size)
+        shapes = {tuple(im.shape) for im in images}
+        if on_gpu and len(shapes) == 1:  # one call for the batch (a GPU's launches cost more than its arithmetic)
+            return resize(torch.stack(images))
+        return torch.stack([resize(im) for im in images])
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"{where}images differ in size ({sorted(shapes)}); a parquet set without image_size must hold images "
+            "of one size (give image_size to resize them)"
+        )
+    return torch.stack(images)
+
+
+def load_parquet(
+    path: str | os.PathLike, *, split: str = "train", limit: int | None = None, name: str = "",
+    image_size: int | None = None,
+) -> ImageData:
+    """The ``split`` of a parquet image set (see the module doc), decoded whole into an ``ImageData``.
+
+    ``image_size``: every image resized and centre-cropped to that side, as a streamed set does (``decode_rows``);
+    None keeps the images' own size, which all must share.
+    """
+    table = read_parquet(path, split=split, limit=limit)
+    encoded, is_jpeg = _to_tensors(table.encoded)
+    where = f"{table.file}: "
+    if image_size is None:
+        images = decode_images(encoded, is_jpeg=is_jpeg, where=where)
+    else:
+        images = torch.empty((len(encoded), 3, image_size, image_size), dtype=torch.uint8)
+        for start in range(0, len(encoded), _CHUNK):
+            stop = min(start + _CHUNK, len(encoded))
+            images[start:stop] = decode_rows(encoded[start:stop], is_jpeg[start:stop], size=image_size,
+                                             rows=list(range(start, stop)), where=where)
+    return ImageData(images=images, labels=table.labels, classes=table.classes, name=name or f"parquet:{table.file}")
