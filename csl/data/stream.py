@@ -89,6 +89,7 @@ class ImageStream:
     _stats: Stats | None = field(default=None, repr=False)
 
     def _dataset(self) -> Dataset:
+        """The items by position in ``indices``: abstract, every stream gives its own (folder files, parquet rows)."""
         raise NotImplementedError
 
     def _collate(self) -> Any:
