@@ -85,6 +85,15 @@ def shard(global_batch: int, rank: int, size: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
+def worker_bn_splits(splits: int, size: int) -> int:
+    """Split batch norm's parts per worker: each of ``size`` workers keeps the sub-batch size of one device's
+    ``splits`` parts (MoCo's per-GPU batch norm) by splitting its shard into splits / size parts."""
+    if splits % size:
+        raise ValueError(f"bn_splits {splits} must be divisible by the {size} workers of a run: each worker "
+                         "normalises over its share of the sub-batches")
+    return splits // size
+
+
 def scaled_lr(lr: float, global_batch: int, rule: str, reference_batch: int = 256) -> float:
     """The learning rate for a global batch: as given (none), ×B/ref (linear, Goyal et al. 2017; SimCLR's
     0.3×B/256), or ×√(B/ref) (sqrt, SimCLR appendix B.1 for LARS at small batches)."""

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from csl import data as datasets
 from csl.config import resolve
-from csl.distributed import data_parallel, gather, global_batchnorm, scaled_lr, shard, wants_global_bn, world
+from csl.distributed import (data_parallel, gather, global_batchnorm, scaled_lr, shard, wants_global_bn,
+                             worker_bn_splits, world)
 from csl.embedder import data_stats
 from csl.evaluate import extract_features, knn_accuracy, label_free_features, probe_accuracy
 from csl.label_free import label_free_metrics
@@ -233,7 +234,6 @@ class Run:
         self.forward = data_parallel(self.model, self.device) if self.workers > 1 else self.model
         if cfg["compile"]:
             self.forward = torch.compile(self.forward)
-        if cfg["compile"]:
             self.pipeline.compile(self.device)
         self.last_eval: dict[str, float] = {}
         self.initial_loss: float | None = None  # the run's first step's loss: what divergence is measured against
@@ -280,10 +280,8 @@ class Run:
         splits = int(cfg.get("bn_splits") or 1)
         if self.workers == 1 or splits == 1:
             return dict(cfg)
-        if splits % self.workers:
-            raise ValueError(f"bn_splits {splits} must be divisible by the {self.workers} workers of a run: each "
-                             "worker normalises over its share of the sub-batches")
-        return {**cfg, "bn_splits": splits // self.workers, "batch_size": cfg["batch_size"] // self.workers}
+        return {**cfg, "bn_splits": worker_bn_splits(splits, self.workers),
+                "batch_size": cfg["batch_size"] // self.workers}
 
     def _set_lr(self) -> None:
         factor = lr_factor(self.step, self.total_steps, self.warmup_steps)

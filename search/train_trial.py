@@ -44,15 +44,12 @@ def workers_of(config: Mapping[str, Any]) -> int:
 def check_workers(config: Mapping[str, Any]) -> None:
     """What would fail on every worker and every retry, said before any worker starts (a ``ValueError``)."""
     from csl.config import resolve
-    from csl.distributed import shard
+    from csl.distributed import shard, worker_bn_splits
 
     resolved = resolve(config)
     workers = workers_of(resolved)
     shard(int(resolved["batch_size"]), 0, workers)
-    splits = int(resolved.get("bn_splits") or 1)
-    if splits > 1 and splits % workers:
-        raise ValueError(f"bn_splits {splits} must be divisible by the {workers} workers of a trial: each worker "
-                         "normalises over its share of the sub-batches")
+    worker_bn_splits(int(resolved.get("bn_splits") or 1), workers)
 
 
 def _worker_nodes(node: Mapping[str, str], size: int) -> dict[str, str]:
