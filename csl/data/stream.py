@@ -12,6 +12,7 @@ global order and reads and decodes only its rows of each global batch (``csl.dis
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -74,7 +75,7 @@ def as_batch(batch: Any) -> Any:
 
 
 @dataclass(kw_only=True)
-class ImageStream:
+class ImageStream(ABC):
     """The batch interface of ``ImageData`` over images read by ``workers`` DataLoader processes (0: in this one).
 
     Subclasses give ``_dataset()`` (items by position in ``indices``), and may give ``_collate`` and ``_finish``
@@ -88,9 +89,9 @@ class ImageStream:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _stats: Stats | None = field(default=None, repr=False)
 
+    @abstractmethod
     def _dataset(self) -> Dataset:
-        """The items by position in ``indices``: abstract, every stream gives its own (folder files, parquet rows)."""
-        raise NotImplementedError
+        """The items by position in ``indices``: every stream gives its own (folder files, parquet rows)."""
 
     def _collate(self) -> Any:
         return None  # the DataLoader's default collate
