@@ -87,7 +87,10 @@ def shard(global_batch: int, rank: int, size: int) -> slice:
 
 def worker_bn_splits(splits: int, size: int) -> int:
     """Split batch norm's parts per worker: each of ``size`` workers keeps the sub-batch size of one device's
-    ``splits`` parts (MoCo's per-GPU batch norm) by splitting its shard into splits / size parts."""
+    ``splits`` parts (MoCo's per-GPU batch norm) by splitting its shard into splits / size parts. One part
+    (plain batch norm) stays one part on every worker."""
+    if splits <= 1:
+        return 1
     if splits % size:
         raise ValueError(f"bn_splits {splits} must be divisible by the {size} workers of a run: each worker "
                          "normalises over its share of the sub-batches")

@@ -185,3 +185,14 @@ def test_csl_train_on_two_workers_checkpoints_once_and_resumes(workers: list[dic
     assert first["first"]["ssl_loss"] == second["first"]["ssl_loss"]  # the global batch's loss on both
     assert "knn_acc" in first["first"] and "knn_acc" not in second["first"]  # the first worker evaluates
     assert first["resumed"]["epoch"] == 3 and second["resumed"]["epoch"] == 3
+
+
+def test_split_batch_norm_keeps_one_devices_sub_batch_on_every_worker() -> None:
+    from csl.distributed import worker_bn_splits
+
+    assert worker_bn_splits(1, 2) == 1  # plain batch norm stays plain on any number of workers
+    assert worker_bn_splits(0, 4) == 1
+    assert worker_bn_splits(8, 2) == 4  # MoCo's 8 per-GPU parts: 4 on each of 2 workers
+    assert worker_bn_splits(8, 8) == 1
+    with pytest.raises(ValueError, match="bn_splits 6 must be divisible by the 4 workers"):
+        worker_bn_splits(6, 4)
