@@ -352,8 +352,19 @@ class PooledEncoder(nn.Module):
         return self.encoder(x).vector
 
 
+def both(network: Callable[[Tensor], Tensor], x0: Tensor, x1: Tensor, joint: bool) -> tuple[Tensor, Tensor]:
+    """A network's outputs for two views: one pass each (lightly's examples), or one pass over both (``joint``: our
+    ``encode_views: joint``, SimCLR's batch norm over the 2N views), for the side given our network settings."""
+    if not joint:
+        return network(x0), network(x1)
+    out0, out1 = network(torch.cat([x0, x1])).chunk(2)
+    return out0, out1
+
+
 class LightlySimCLR(nn.Module):
     """lightly's documented SimCLR model: ``projection_head(backbone(x))``, one view at a time, NTXentLoss."""
+
+    joint = False  # both views in one pass (LightlyTrainer.like with our network settings and ours joint)
 
     def __init__(self, encoder: nn.Module, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -372,8 +383,7 @@ class LightlySimCLR(nn.Module):
 
     def loss(self, x0: Tensor, x1: Tensor, *, step: int, total_steps: int, cast: Callable[[], Any]) -> Tensor:
         with cast():
-            z0 = self(x0)
-            z1 = self(x1)
+            z0, z1 = both(self, x0, x1, self.joint)
         return self.criterion(z0.float(), z1.float())
 
 
@@ -386,6 +396,8 @@ class LightlyBYOL(nn.Module):
     own ImageNet BYOL benchmark puts in (``2 * criterion``), so it is put in here too and both sides take the
     same gradients.
     """
+
+    joint = False  # as LightlySimCLR's
 
     def __init__(self, encoder: nn.Module, config: Mapping[str, Any]) -> None:
         super().__init__()
@@ -417,8 +429,8 @@ class LightlyBYOL(nn.Module):
         self._update(self.backbone, self.backbone_momentum, m=m)
         self._update(self.projection_head, self.projection_head_momentum, m=m)
         with cast():
-            p0, z0 = self(x0), self.forward_momentum(x0)
-            p1, z1 = self(x1), self.forward_momentum(x1)
+            p0, p1 = both(self, x0, x1, self.joint)
+            z0, z1 = both(self.forward_momentum, x0, x1, self.joint)
         return 2 * 0.5 * (self.criterion(p0.float(), z1.float()) + self.criterion(p1.float(), z0.float()))
 
 
@@ -553,8 +565,8 @@ class LightlyTrainer:
     - ``documented``: what lightly's examples run: float32, the default memory format, the optimiser without
       ``fused``: lightly as its documentation sets it up;
     - ``ours``: our trainer's settings for ``run`` (``run.autocast``: bf16 where the device computes it natively,
-      ``run.channels_last``, the optimiser fused where ours is, on CUDA), so both networks do the same arithmetic
-      and the comparison is of the data paths alone.
+      ``run.channels_last``, the optimiser fused where ours is, on CUDA, both views in one pass where ours encodes
+      them jointly), so both networks do the same arithmetic and the comparison is of the data paths alone.
     """
 
     SETTINGS = ("documented", "ours")
@@ -564,9 +576,9 @@ class LightlyTrainer:
         self.device = device
         self.autocast = autocast
         self.channels_last = channels_last
-        self.model = model.to(device)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        # The encoder is a copy of ours, whose weights our trainer made channels_last: a convolution takes that
+        # layout when its input *or* its weight has it, so "the default memory format" must be set back here.
+        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.lr = lr
         params = [p for p in self.model.parameters() if p.requires_grad]
         if optimizer == "adam":
@@ -595,6 +607,8 @@ class LightlyTrainer:
                              f"{', '.join(PEER_METHODS)}")
         ours = settings == "ours"
         model = LIGHTLY_MODELS[config["method"]](lightly_encoder(run), config)
+        if hasattr(model, "joint"):  # MoCo's query and key pass through different networks: nothing to join
+            model.joint = ours and config["encode_views"] == "joint"
         return cls(model, device=run.device, optimizer=config["optimizer"], lr=config["lr"],
                    weight_decay=config["weight_decay"], sgd_momentum=config["sgd_momentum"],
                    autocast=ours and run.autocast, channels_last=ours and run.channels_last,

@@ -28,8 +28,13 @@ The sides:
 - lightly as documented: its ``SimCLRTransform`` applied per PIL image in a ``DataLoader`` with ``--workers``
   workers, two forward passes (``model(x0)``, ``model(x1)``), ``NTXentLoss``, in float32 and the default memory
   format with ``torch.optim.Adam``, as its examples run. The target ratio is against this side;
-- lightly with our network settings: the same loop given ours' autocast, channels_last and fused Adam, so both
-  networks do the same arithmetic and the ratio is of the data paths alone.
+- lightly with our network settings: the same loop given ours' autocast, channels_last, fused Adam and, where
+  ours encodes the views jointly (``--encode-views``, default joint: SimCLR's batch norm over the 2N views), one
+  pass over both views, so both networks do the same arithmetic and the ratio is of the data paths alone.
+
+The lightly encoders are copies of ours; ours' weights are channels_last, and a convolution takes that layout when
+its input or its weight has it, so lightly's documented side sets its weights back to the default format (before
+2026-12-02 it did not, and "lightly as documented" ran channels_last without saying so).
 
 Each block is ``--warmup`` untimed steps then ``--steps`` timed ones, the same for every side (each side's first
 block has ``--initial-warmup`` more); blocks alternate ``--repeats`` times and the figures are medians, with the
@@ -107,7 +112,8 @@ def main() -> None:
     print(f"  ours: bf16 autocast {ours.autocast}, channels_last {ours.channels_last}, compiled {args.compile}, "
           f"encode_views {args.encode_views}")
     for name, peer in peers.items():
-        print(f"  lightly ({name}): bf16 autocast {peer.autocast}, channels_last {peer.channels_last}")
+        views = "one pass over both views" if getattr(peer.model, "joint", False) else "one pass per view"
+        print(f"  lightly ({name}): bf16 autocast {peer.autocast}, channels_last {peer.channels_last}, {views}")
     print(f"  blocks of {args.warmup} warm-up + {args.steps} timed steps, {args.repeats} per side, alternating "
           f"(+{args.initial_warmup} warm-up steps in each side's first block)")
 
