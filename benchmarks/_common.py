@@ -101,8 +101,12 @@ def setup(args: argparse.Namespace) -> torch.device:
 def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    from csl.train import native_bf16
+
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    return f"CPU, {torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={policy} (torch {torch.__version__})"
+    amx = "AMX: bf16 autocast pays" if native_bf16(device) else "no AMX: float32"
+    return (f"CPU {cpu_model()} ({amx}), {torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={policy} "
+            f"(torch {torch.__version__})")
 
 
 def cpu_model() -> str:

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_DATA, cpu_model, describe_machine, median, sync  # sets OMP_WAIT_POLICY first
+from _common import DEFAULT_DATA, describe_machine, median, sync  # sets OMP_WAIT_POLICY first
 
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
@@ -107,7 +107,7 @@ def main() -> None:
 
     print(f"bench_stream: {args.data}, {args.images} images per epoch, batch {args.batch_size}, "
           f"{args.workers} DataLoader workers")
-    print(f"machine: {cpu_model()}; {describe_machine(device)}")
+    print(f"machine: {describe_machine(device)}")
     print(f"model step: SimCLR, ResNet-18 (ImageNet stem) width x{args.width:g}, batch {args.step_batch}, "
           f"on {device}")
     results: list[tuple[int, str, float]] = []
