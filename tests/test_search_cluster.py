@@ -71,7 +71,7 @@ name: cluster-workers
 metric: ssl_loss
 mode: min
 budget: {epochs: 2, grace_period: 1}
-fixed: {method: simclr, width: 0.0625, batch_size: 32, train_limit: 128, test_limit: 64, device: cpu,
+fixed: {method: simclr, encoder: resnet18, width: 0.0625, batch_size: 32, train_limit: 128, test_limit: 64, device: cpu,
         workers_per_trial: 2, proj_dim: 16, proj_hidden: 32}
 params:
   similarity: {choice: [cosine, dot]}
