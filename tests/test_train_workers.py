@@ -17,8 +17,8 @@ name: {name}
 metric: ssl_loss
 mode: min
 budget: {{epochs: 4}}
-fixed: {{method: simclr, encoder: resnet18, width: 0.0625, batch_size: 32, train_limit: 256, test_limit: 64, device: cpu,
-        workers_per_trial: 2, proj_dim: 16, proj_hidden: 32, similarity: cosine}}
+fixed: {{method: simclr, encoder: resnet18, width: 0.0625, batch_size: 32, train_limit: 256, test_limit: 64,
+        device: cpu, workers_per_trial: 2, proj_dim: 16, proj_hidden: 32, similarity: cosine}}
 """
 
 
