@@ -394,7 +394,9 @@ class MlflowTrialCallback(Callback):
         chain = self.ledger.replayed(trial.trial_id) if self.ledger is not None else []
         name = getattr(trial, "trainable_name", "csl_trial")
         folders = [storage.trial_fs_path, *(f"{storage.experiment_fs_path}/{name}_{lost}" for lost in chain)]
-        folders += [f"{folder}/{TRAIN_RUN}" for folder in folders]  # a trial of several workers: Train's checkpoints
+        # Tune holds every trial's checkpoints; a trial of several workers begun before csl-search reported Train's
+        # checkpoints to Tune (search.train_trial) has its best in Train's folder only.
+        folders += [f"{folder}/{TRAIN_RUN}" for folder in folders]
         log_trial_model(self.client, self.tracking_uri, run_id, filesystem=storage.storage_filesystem,
                         trial_folders=folders, metric=self.metric, mode=self.mode)  # fmt: skip
 

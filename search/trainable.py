@@ -154,7 +154,9 @@ def add_handover(filesystem: Any, path: str, trial_id: str, *, result: Mapping[s
         f.write((text + json.dumps(entry) + "\n").encode())
 
 
-def _checkpoint_folder(result: Mapping[str, Any], save_checkpoint: Callable[[Path], None] | None, folder: str) -> Any:
+def checkpoint_folder(result: Mapping[str, Any], save_checkpoint: Callable[[Path], None] | None,
+                      folder: str) -> Any:  # fmt: skip
+    """A Tune checkpoint of ``folder``: the trainer's state (when ``save_checkpoint`` is given) and the result."""
     from ray import tune
 
     if save_checkpoint is not None:
@@ -203,16 +205,6 @@ def csl_trial(config: Mapping[str, Any], metric: str | None = None, mode: str | 
     from csl.train import Diverged, train
 
     node = _node(config)
-    if worker_resources is not None:
-        from search.train_trial import check_workers, multi_worker_trial
-
-        try:
-            check_workers(config)
-        except ValueError as exc:  # the same on every retry: fail now, with the reason (as below)
-            tune.report(_failure(set(), 0, node, failed=1, error=f"{type(exc).__name__}: {exc}"))
-            return
-        multi_worker_trial(config, node, worker_resources, metric=metric, mode=mode)
-        return
     metric_names: set[str] = set()
     reports = 0
     last_epoch = 0
@@ -225,7 +217,7 @@ def csl_trial(config: Mapping[str, Any], metric: str | None = None, mode: str | 
         result = {**{name: math.nan for name in EPOCH_METRICS}, **metrics, "epoch": int(epoch), "diverged": 0, **node}
         best = scored(result, best, metric, mode)
         with tempfile.TemporaryDirectory(prefix="csl-ckpt-") as folder:
-            tune.report(result, checkpoint=_checkpoint_folder(result, save_checkpoint, folder))
+            tune.report(result, checkpoint=checkpoint_folder(result, save_checkpoint, folder))
         reports += 1
         last_epoch = int(epoch)
 
@@ -237,6 +229,16 @@ def csl_trial(config: Mapping[str, Any], metric: str | None = None, mode: str | 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None and trial_id in continued_trials():
         checkpoint = tune.Checkpoint(continued_trials()[trial_id])  # the lost trial this one replays
+    if worker_resources is not None:
+        from search.train_trial import check_workers, multi_worker_trial
+
+        try:
+            check_workers(config)
+        except ValueError as exc:  # the same on every retry: fail now, with the reason (as below)
+            tune.report(_failure(set(), 0, node, failed=1, error=f"{type(exc).__name__}: {exc}"))
+            return
+        multi_worker_trial(config, node, worker_resources, metric=metric, mode=mode, start=checkpoint)
+        return
     last = None
     try:
         if checkpoint is None:
@@ -261,7 +263,7 @@ def csl_trial(config: Mapping[str, Any], metric: str | None = None, mode: str | 
         # It carries a checkpoint (the record that the trial is over), never a best one: no trainer state in it.
         final.update({SCORE: 0.0, BEST_EPOCH: int(best.epoch or 0), BEST_VALUE: best.value if best.found else math.nan})
         with tempfile.TemporaryDirectory(prefix="csl-ckpt-") as folder:
-            tune.report(final, checkpoint=_checkpoint_folder(final, None, folder))
+            tune.report(final, checkpoint=checkpoint_folder(final, None, folder))
     except ValueError as exc:
         if reports:
             raise  # it trained before: not a config that cannot train, let Tune retry
